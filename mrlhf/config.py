@@ -1,0 +1,490 @@
+"""Run configuration: a dataclass tree, YAML run files and dotted command-line overrides.
+
+Every field carries a one-line docstring under it. Cross-field checks live in ``__post_init__``;
+checks that need the world size live in :meth:`RunConfig.validate_world`. This is the only module
+that reads YAML or the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+import yaml
+
+from mrlhf.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """The transformer backbone, shared by every role."""
+
+    flavour: str = "llama"
+    """'gpt2' (learned positions, LayerNorm, GELU, biases, tied embeddings) or 'llama' (RoPE, RMSNorm, SwiGLU, GQA)."""
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int | None = None
+    """Key/value heads for GQA; None means one per query head (multi-head attention)."""
+    ffn_hidden_size: int | None = None
+    """MLP width; None means 4*hidden (gpt2) or the LLaMA rule 256-rounded 8/3*hidden (llama)."""
+    vocab_size: int | None = None
+    """Real vocabulary size; None takes it from the tokenizer."""
+    make_vocab_size_divisible_by: int = 128
+    """The padded vocabulary is a multiple of this (must also divide by tp); padded logits are masked."""
+    max_position_embeddings: int = 2048
+    """Longest sequence (size of the learned position table for gpt2)."""
+    rotary_base: int = 10000
+    """RoPE base period (llama flavour)."""
+    qkv_bias: bool | None = None
+    """Bias on the QKV projection; None: True for gpt2, False for llama (set True for Qwen2)."""
+    tie_word_embeddings: bool | None = None
+    """Share input embedding and LM output weight; None: True for gpt2, False for llama."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of LayerNorm / RMSNorm."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+    def __post_init__(self) -> None:
+        if self.flavour not in ("gpt2", "llama"):
+            raise ConfigError(f"model.flavour must be 'gpt2' or 'llama', got {self.flavour!r}")
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "make_vocab_size_divisible_by"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        groups = self.query_groups
+        if self.num_attention_heads % groups:
+            raise ConfigError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"model.num_query_groups ({groups})"
+            )
+        if self.flavour == "gpt2" and groups != self.num_attention_heads:
+            raise ConfigError("model.num_query_groups (GQA) is only supported by the llama flavour")
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.flavour == "gpt2":
+            return 4 * self.hidden_size
+        return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+
+    @property
+    def tied(self) -> bool:
+        return self.flavour == "gpt2" if self.tie_word_embeddings is None else self.tie_word_embeddings
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.flavour == "gpt2" if self.qkv_bias is None else self.qkv_bias
+
+    def padded_vocab_size(self, vocab_size: int) -> int:
+        m = self.make_vocab_size_divisible_by
+        return m * math.ceil(vocab_size / m)
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks split the work: tensor (tp), pipeline (pp) and data (dp = world / (tp*pp)) parallelism."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    first_stage_layers: int | None = None
+    """Layers on the first pipeline stage when stages are uneven (the rest split evenly)."""
+    last_stage_layers: int | None = None
+    """Layers on the last pipeline stage when stages are uneven."""
+    zero1: bool = False
+    """Shard optimizer state over the data-parallel group (ZeRO stage 1)."""
+    grad_bucket_mb: float = 25.0
+    """Size of the buckets in which gradients are all-reduced over dp."""
+    backend: str = "auto"
+    """Process-group backend: 'auto' (nccl with CUDA, gloo without), 'nccl' or 'gloo'."""
+    timeout_minutes: int = 30
+    """Collective timeout."""
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"parallel.backend must be auto, nccl or gloo, got {self.backend!r}")
+        if self.grad_bucket_mb <= 0:
+            raise ConfigError("parallel.grad_bucket_mb must be positive")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and gradient clipping."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to biases and norms)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optimizer: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("optimizer.beta1 and optimizer.beta2 must be in [0, 1)")
+        if self.clip_grad < 0:
+            raise ConfigError("optimizer.clip_grad must be >= 0")
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: linear warmup then decay to min_lr over the run."""
+
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to lr."""
+    decay: str = "cosine"
+    """'cosine', 'linear' or 'constant' after warmup."""
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"scheduler.decay must be cosine, linear or constant, got {self.decay!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError("scheduler.warmup_steps must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is cut."""
+
+    train_path: str = ""
+    """Training jsonl ({prompt, response} or {messages}) for SFT."""
+    eval_path: str | None = None
+    """Held-out jsonl for periodic eval loss; None disables eval."""
+    tokenizer_path: str = ""
+    """sentencepiece .model file."""
+    max_seq_len: int = 256
+    """Longest prompt+response in tokens; longer samples are an error."""
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 2:
+            raise ConfigError("data.max_seq_len must be >= 2")
+
+
+@dataclass
+class TrainingConfig:
+    """Batching, length of the run, precision and seed."""
+
+    train_steps: int = 10
+    """Optimizer steps in the run."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all dp ranks."""
+    micro_batch_size: int = 2
+    """Samples per microbatch (the unit the pipeline schedule moves)."""
+    seed: int = 1234
+    """Seed of weights, data order and dropout."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (bf16 weights and activations, fp32 master weights in the optimizer)."""
+    eval_interval: int = 0
+    """Run eval every this many steps (and at the end); 0 disables."""
+    eval_samples: int = 64
+    """Samples used for one eval."""
+    output_dir: str = "runs/sft"
+    """Directory for the resolved config, metrics and (by default) checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"training.precision must be fp32 or bf16, got {self.precision!r}")
+        for name in ("train_steps", "global_batch_size", "micro_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"training.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"training.micro_batch_size ({self.micro_batch_size})"
+            )
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving, retention and resuming."""
+
+    save_dir: str | None = None
+    """Checkpoint directory; None means <output_dir>/checkpoints."""
+    save_interval: int = 0
+    """Save every this many steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints; 0 keeps all."""
+    resume: bool = True
+    """Resume from the newest checkpoint in save_dir when one exists."""
+    load_dir: str | None = None
+    """Initialise the model from this checkpoint (any tp/pp layout) when not resuming."""
+    save_optimizer: bool = True
+    """Store optimizer state (needed for exact resume)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics and console output."""
+
+    log_interval: int = 1
+    """Write metrics every this many steps."""
+    metrics_file: str | None = None
+    """jsonl metrics file; None means <output_dir>/metrics.jsonl."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0 (off automatically when stderr is not a terminal)."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone shape and flavour."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP/PP/DP layout."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW settings."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input data and tokenizer."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Batch sizes, steps, precision."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics output."""
+
+    def __post_init__(self) -> None:
+        m, p = self.model, self.parallel
+        if m.num_attention_heads % p.tp:
+            raise ConfigError(f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by parallel.tp ({p.tp})")
+        if m.query_groups % p.tp:
+            raise ConfigError(f"model.num_query_groups ({m.query_groups}) must be divisible by parallel.tp ({p.tp})")
+        if m.ffn_size % p.tp:
+            raise ConfigError(f"model.ffn_hidden_size ({m.ffn_size}) must be divisible by parallel.tp ({p.tp})")
+        if m.make_vocab_size_divisible_by % p.tp:
+            raise ConfigError(
+                f"model.make_vocab_size_divisible_by ({m.make_vocab_size_divisible_by}) must be divisible by "
+                f"parallel.tp ({p.tp}) so the padded vocabulary splits evenly"
+            )
+        from mrlhf.parallel.topology import layers_per_stage
+
+        try:
+            layers_per_stage(m.num_layers, p.pp, p.first_stage_layers, p.last_stage_layers)
+        except ValueError as e:
+            raise ConfigError(f"parallel.pp={p.pp} with model.num_layers={m.num_layers}: {e}") from None
+        if self.data.max_seq_len > m.max_position_embeddings:
+            raise ConfigError(
+                f"data.max_seq_len ({self.data.max_seq_len}) exceeds model.max_position_embeddings "
+                f"({m.max_position_embeddings})"
+            )
+
+    def validate_world(self, world_size: int) -> int:
+        """Check the layout against the number of processes; return the data-parallel size."""
+        tp, pp = self.parallel.tp, self.parallel.pp
+        if world_size % (tp * pp):
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {tp * pp}")
+        dp = world_size // (tp * pp)
+        t = self.training
+        if t.global_batch_size % (dp * t.micro_batch_size):
+            raise ConfigError(
+                f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"dp ({dp}) x training.micro_batch_size ({t.micro_batch_size})"
+            )
+        return dp
+
+    @property
+    def save_dir(self) -> str:
+        return self.checkpoint.save_dir or os.path.join(self.training.output_dir, "checkpoints")
+
+    @property
+    def metrics_file(self) -> str:
+        return self.logging.metrics_file or os.path.join(self.training.output_dir, "metrics.jsonl")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_transformer_config(self):
+        """megatron-core TransformerConfig for this run's backbone and layout."""
+        import torch
+        import torch.nn.functional as F
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        m, p = self.model, self.parallel
+        dtype = torch.bfloat16 if self.training.precision == "bf16" else torch.float32
+        llama = m.flavour == "llama"
+        return TransformerConfig(
+            num_layers=m.num_layers,
+            hidden_size=m.hidden_size,
+            num_attention_heads=m.num_attention_heads,
+            num_query_groups=m.query_groups,
+            ffn_hidden_size=m.ffn_size,
+            kv_channels=m.hidden_size // m.num_attention_heads,
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            num_layers_in_first_pipeline_stage=p.first_stage_layers if p.pp > 1 else None,
+            num_layers_in_last_pipeline_stage=p.last_stage_layers if p.pp > 1 else None,
+            normalization="RMSNorm" if llama else "LayerNorm",
+            layernorm_epsilon=m.norm_epsilon,
+            gated_linear_unit=llama,
+            activation_func=F.silu if llama else gelu_tanh,
+            add_bias_linear=not llama,
+            add_qkv_bias=m.has_qkv_bias,
+            hidden_dropout=m.hidden_dropout,
+            attention_dropout=m.attention_dropout,
+            init_method_std=m.init_std,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            use_cpu_initialization=True,
+            perform_initialization=False,  # mrlhf.models.backbone.init_weights does it, layout-invariantly
+            gradient_accumulation_fusion=False,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            apply_rope_fusion=False,
+        )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def gelu_tanh(x):
+    """GPT-2's GELU (tanh approximation), as in HF ``gelu_new``."""
+    import torch.nn.functional as F
+
+    return F.gelu(x, approximate="tanh")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building configs from dicts, YAML files and overrides
+
+
+def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (valid keys under '{where or 'top level'}': "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, key, source)
+        else:
+            kwargs[name] = _coerce(value, hint, key, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check a scalar against its annotation (str, int, float, bool, X | None, list)."""
+    text = str(hint)
+    allowed_none = "None" in text
+    if value is None:
+        if allowed_none:
+            return None
+        raise ConfigError(f"{source}: '{key}' must not be null")
+    base = text.replace(" | None", "").replace("None | ", "").strip()
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }.get(base, True)
+    if base == "bool | str" or base.startswith("list"):
+        ok = True
+    if not ok:
+        raise ConfigError(f"{source}: '{key}' must be {base}, got {type(value).__name__} {value!r}")
+    return float(value) if base == "float" else value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        path, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = path.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file (optional) and apply dotted overrides; every error is a ConfigError."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path:
+        source = path
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        _resolve_relative_paths(data, os.path.dirname(os.path.abspath(path)))
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} (with overrides)"
+    return _build(RunConfig, data, "", source)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a nested dict (e.g. one stored in a checkpoint)."""
+    return _build(RunConfig, data, "", "config")
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: str) -> None:
+    """Paths in data.* that start with './' or '../' are taken relative to the YAML file."""
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key, value in section.items():
+            if isinstance(value, str) and value.startswith(("./", "../")):
+                section[key] = os.path.normpath(os.path.join(base, value))

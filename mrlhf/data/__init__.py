@@ -1,0 +1,1 @@
+"""Data loading: tokenizer, SFT records, batching."""

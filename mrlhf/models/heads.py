@@ -1,0 +1,68 @@
+"""Heads: hidden states [s, b, h] of the last stage -> log-probs, values or rewards.
+
+The LM head keeps logits vocab-parallel: log-probs of given tokens come from megatron's vocab-parallel
+cross-entropy, so no rank ever holds the full vocabulary. Value and reward heads are small linear layers
+replicated across TP (their inputs are replicated, so their gradients agree across TP ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+
+def vocab_parallel_logits(gpt, hidden: torch.Tensor) -> torch.Tensor:
+    """[s, b, h] -> this rank's vocabulary slice of the logits [s, b, v/tp], padded entries set to -inf."""
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    logits, _ = gpt.output_layer(hidden, weight=weight)
+    per_rank = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * per_rank
+    real = gpt.real_vocab_size
+    if start + per_rank > real:  # this slice holds padding columns
+        pad = torch.arange(start, start + per_rank, device=logits.device) >= real
+        logits = logits.masked_fill(pad, float("-inf"))
+    return logits
+
+
+def token_logprobs(vp_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) from vocab-parallel logits. vp_logits [s, b, v/tp], targets [b, s] -> [b, s]."""
+    # vocab_parallel_cross_entropy returns -log p; it works on [s, b] layout
+    nll = tensor_parallel.vocab_parallel_cross_entropy(vp_logits.float(), targets.t().contiguous())
+    return -nll.t()
+
+
+class ValueHead(torch.nn.Module):
+    """Per-token scalar value (critic): [s, b, h] -> [b, s]."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1, dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1).t().float()
+
+
+class RewardHead(torch.nn.Module):
+    """Scalar score of each sequence at its last real token: [s, b, h] + mask [b, s] -> [b]."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1, dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        s = attention_mask.shape[1]
+        positions = torch.arange(s, device=attention_mask.device)
+        last = torch.where(attention_mask, positions, -1).max(dim=1).values.clamp(min=0)  # [b]
+        picked = hidden[last, torch.arange(hidden.shape[1], device=hidden.device)]  # [b, h]
+        return self.linear(picked).squeeze(-1).float()
+
+
+@torch.no_grad()
+def init_scalar_head(head: torch.nn.Module, seed: int, name: str, std: float) -> None:
+    """Deterministic init shared by all TP ranks (the head is replicated)."""
+    import zlib
+
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    head.linear.weight.copy_(torch.randn(head.linear.weight.shape, generator=gen) * std)
+    head.linear.bias.zero_()

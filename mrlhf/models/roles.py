@@ -1,0 +1,94 @@
+"""Roles = backbone + head, one forward signature for every pipeline stage.
+
+``forward(tokens, position_ids, attention_mask, input_tensor=None, targets=None)``:
+- on a non-last stage: hidden states ``[s, b, h]`` for the next stage;
+- on the last stage: the role's output -- actor/reference: log-probs of ``targets`` ``[b, s]``; critic: values
+  ``[b, s]``; reward: scores ``[b]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+
+from mrlhf.config import RunConfig
+from mrlhf.models.backbone import backbone_forward, build_backbone, init_weights
+from mrlhf.models.heads import RewardHead, ValueHead, init_scalar_head, token_logprobs, vocab_parallel_logits
+
+ROLES = ("actor", "reference", "critic", "reward")
+
+
+class RoleModel(torch.nn.Module):
+    """One role's slice on this rank: ``backbone`` (megatron GPTModel) and, on the last stage, its head."""
+
+    def __init__(self, cfg: RunConfig, role: str, vocab_size: int, pre_process: bool, post_process: bool) -> None:
+        super().__init__()
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        self.role = role
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        self.backbone = build_backbone(cfg, vocab_size, pre_process, post_process)
+        self.head: torch.nn.Module | None = None
+        if not self.has_lm_head and post_process:
+            # Scalar roles need the final norm but not the vocab-sized output layer.
+            del self.backbone.output_layer
+            self.backbone.post_process = False  # (the decoder keeps its own post_process: final norm)
+            self.backbone.share_embeddings_and_output_weights = False
+            dtype = cfg.to_transformer_config().params_dtype
+            self.head = (ValueHead if role == "critic" else RewardHead)(cfg.model.hidden_size, dtype=dtype)
+        elif not self.has_lm_head:
+            self.backbone.share_embeddings_and_output_weights = False
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.role in ("actor", "reference")
+
+    @property
+    def tied_across_stages(self) -> bool:
+        """The word embedding lives on the first and the last stage and their grads must be summed."""
+        return self.has_lm_head and self.cfg.model.tied and ps.get_pipeline_model_parallel_world_size() > 1
+
+    def init_weights(self, seed: int) -> None:
+        init_weights(self.backbone, self.cfg, seed)
+        if self.head is not None:
+            init_scalar_head(self.head, seed, f"{self.role}_head", self.cfg.model.init_std)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        input_tensor: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = backbone_forward(self.backbone, tokens, position_ids, attention_mask, input_tensor)
+        if not self.post_process:
+            return hidden
+        if self.has_lm_head:
+            assert targets is not None, "actor/reference forward on the last stage needs targets"
+            return token_logprobs(vocab_parallel_logits(self.backbone, hidden), targets)
+        if self.role == "critic":
+            return self.head(hidden)
+        assert attention_mask is not None
+        return self.head(hidden, attention_mask)
+
+    def sharded_state_dict(self, prefix: str = "") -> dict:
+        """megatron dist_checkpointing view: backbone keys as megatron names them, plus a replicated head."""
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        sd = self.backbone.sharded_state_dict(prefix=f"{prefix}backbone.")
+        if self.head is not None:
+            tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+            replica = (0, tp_rank, dp_rank)
+            for name, t in self.head.state_dict(keep_vars=True).items():
+                key = f"{prefix}head.{name}"
+                sd[key] = ShardedTensor.from_rank_offsets(key, t, replica_id=replica)
+        return sd
+
+
+def build_role(cfg: RunConfig, role: str, vocab_size: int, seed: int | None = None) -> RoleModel:
+    """This rank's stage of ``role``, initialised from ``seed`` (default: training.seed)."""
+    model = RoleModel(cfg, role, vocab_size, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+    model.init_weights(cfg.training.seed if seed is None else seed)
+    return model

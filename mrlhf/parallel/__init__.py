@@ -1,0 +1,1 @@
+"""Process groups, rank arithmetic, collectives and microbatch schedules."""

@@ -1,0 +1,133 @@
+"""Named, device-agnostic collectives and pipeline send/recv of activations.
+
+Point-to-point traffic goes through ``dist.batch_isend_irecv`` so that a send and a receive posted by two
+neighbouring stages at the same time never deadlock (blocking send/recv does on gloo).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_dp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce in place over the data-parallel group."""
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, op=op, group=ps.get_data_parallel_group())
+    return t
+
+
+def all_reduce_tp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce in place over the tensor-parallel group."""
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(t, op=op, group=ps.get_tensor_model_parallel_group())
+    return t
+
+
+def all_reduce_pp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce in place over the pipeline group."""
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(t, op=op, group=ps.get_pipeline_model_parallel_group())
+    return t
+
+
+def all_reduce_model_parallel(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce in place over TP and PP together (one model replica)."""
+    if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(t, op=op, group=ps.get_model_parallel_group())
+    return t
+
+
+def all_reduce_embedding_group(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the first and last stage (tied word-embedding gradients with PP > 1)."""
+    if ps.get_pipeline_model_parallel_world_size() > 1 and ps.is_rank_in_embedding_group():
+        dist.all_reduce(t, group=ps.get_embedding_group())
+    return t
+
+
+def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
+    """Every stage receives the last stage's tensor (same shape and dtype must be allocated everywhere)."""
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return t
+
+
+def broadcast_from_dp_rank(t: torch.Tensor, dp_rank: int) -> torch.Tensor:
+    """Every dp rank receives the tensor of ``dp_rank`` (used by the ZeRO-1 optimizer after its step)."""
+    if ps.get_data_parallel_world_size() > 1:
+        src = dist.get_global_rank(ps.get_data_parallel_group(), dp_rank)
+        dist.broadcast(t, src=src, group=ps.get_data_parallel_group())
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pipeline point-to-point
+
+
+def _p2p(
+    send_next: torch.Tensor | None = None,
+    send_prev: torch.Tensor | None = None,
+    recv_prev: tuple[torch.Size, torch.dtype, torch.device] | None = None,
+    recv_next: tuple[torch.Size, torch.dtype, torch.device] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Post all requested sends/receives together, wait, and return (from_prev, from_next)."""
+    ops = []
+    from_prev = from_next = None
+    group = ps.get_pipeline_model_parallel_group()
+    if send_next is not None:
+        ops.append(dist.P2POp(dist.isend, send_next.contiguous(), ps.get_pipeline_model_parallel_next_rank(), group))
+    if send_prev is not None:
+        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), ps.get_pipeline_model_parallel_prev_rank(), group))
+    if recv_prev is not None:
+        from_prev = torch.empty(recv_prev[0], dtype=recv_prev[1], device=recv_prev[2])
+        ops.append(dist.P2POp(dist.irecv, from_prev, ps.get_pipeline_model_parallel_prev_rank(), group))
+    if recv_next is not None:
+        from_next = torch.empty(recv_next[0], dtype=recv_next[1], device=recv_next[2])
+        ops.append(dist.P2POp(dist.irecv, from_next, ps.get_pipeline_model_parallel_next_rank(), group))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    return from_prev, from_next
+
+
+def recv_forward(spec: tuple[torch.Size, torch.dtype, torch.device]) -> torch.Tensor:
+    """Receive the previous stage's activation; it becomes a leaf that collects its gradient."""
+    t, _ = _p2p(recv_prev=spec)
+    assert t is not None
+    return t.requires_grad_()
+
+
+def send_forward(t: torch.Tensor) -> None:
+    _p2p(send_next=t.detach())
+
+
+def recv_backward(spec: tuple[torch.Size, torch.dtype, torch.device]) -> torch.Tensor:
+    _, g = _p2p(recv_next=spec)
+    assert g is not None
+    return g
+
+
+def send_backward(g: torch.Tensor) -> None:
+    _p2p(send_prev=g)
+
+
+def send_forward_recv_backward(t: torch.Tensor, spec: tuple[torch.Size, torch.dtype, torch.device]) -> torch.Tensor:
+    _, g = _p2p(send_next=t.detach(), recv_next=spec)
+    assert g is not None
+    return g
+
+
+def send_backward_recv_forward(g: torch.Tensor, spec: tuple[torch.Size, torch.dtype, torch.device]) -> torch.Tensor:
+    t, _ = _p2p(send_prev=g, recv_prev=spec)
+    assert t is not None
+    return t.requires_grad_()

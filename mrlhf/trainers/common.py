@@ -1,0 +1,156 @@
+"""What every trainer shares: seeding, the optimizer step (grad sync, clipping, NaN policy), metrics, progress,
+checkpoint cadence and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from megatron.core import parallel_state as ps
+
+from mrlhf import checkpoint as ckpt
+from mrlhf.config import RunConfig
+from mrlhf.parallel import comm
+from mrlhf.parallel.grads import (
+    all_reduce_dp_grads,
+    clip_grads,
+    global_grad_norm,
+    params_with_grad,
+    sync_tied_embedding_grads,
+)
+from mrlhf.parallel.state import ParallelContext
+from mrlhf.trainers.optim import Optimizer, lr_at
+
+
+@dataclass
+class TrainState:
+    """Where a run is: the next optimizer step and how many samples it has consumed."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "extra": self.extra}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def optimizer_step(model: torch.nn.Module, opt: Optimizer, cfg: RunConfig, step: int) -> dict[str, float]:
+    """Finish the gradients of one global batch and step: tied sync, DP all-reduce, norm, clip, AdamW.
+
+    A non-finite gradient norm skips the update (counted in the returned metrics) instead of corrupting weights.
+    """
+    params = params_with_grad(model)
+    sync_tied_embedding_grads(model)
+    all_reduce_dp_grads(params, cfg.parallel.grad_bucket_mb)
+    norm = global_grad_norm(params)
+    lr = lr_at(step, cfg.training.train_steps, cfg.optimizer, cfg.scheduler)
+    skipped = not np.isfinite(norm)
+    if not skipped:
+        clip_grads(params, cfg.optimizer.clip_grad, norm)
+        opt.step(lr)
+    opt.zero_grad()
+    return {"lr": lr, "grad_norm": norm, "skipped_step": float(skipped)}
+
+
+def reduce_last_stage_scalars(values: list[float]) -> list[float]:
+    """Sum per-DP-rank scalars of the last stage over DP and hand the result to every rank."""
+    t = torch.tensor(values if ps.is_pipeline_last_stage() else [0.0] * len(values), dtype=torch.float64)
+    comm.all_reduce_dp(t)
+    comm.broadcast_from_last_stage(t)
+    return t.tolist()
+
+
+class MetricsWriter:
+    """jsonl metrics (rank 0) and a progress bar on rank 0 when stderr is a terminal."""
+
+    def __init__(self, cfg: RunConfig, ctx: ParallelContext, total: int, initial: int) -> None:
+        self.enabled = ctx.is_main
+        self.path = cfg.metrics_file
+        self.bar = None
+        if self.enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            show = cfg.logging.progress_bar and sys.stderr.isatty() and not os.environ.get("CI")
+            if show:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "lr", "grad_norm")})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def save_resolved_config(cfg: RunConfig, ctx: ParallelContext) -> None:
+    if ctx.is_main:
+        os.makedirs(cfg.training.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.training.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(cfg.to_yaml())
+
+
+def restore(
+    cfg: RunConfig, models: dict[str, torch.nn.Module], optimizers: dict[str, Optimizer], tokenizer_hash: str
+) -> TrainState:
+    """Resume from the newest checkpoint in save_dir, else initialise weights from load_dir, else fresh."""
+    state = TrainState()
+    path = ckpt.latest_checkpoint(cfg.save_dir) if cfg.checkpoint.resume else None
+    if path is not None:
+        meta = ckpt.load_checkpoint(path, models, optimizers, tokenizer_hash)
+        ts = meta["train_state"]
+        state = TrainState(step=ts["step"], consumed_samples=ts["consumed_samples"], extra=ts.get("extra", {}))
+        log_main(f"resumed from {path} at step {state.step}")
+    elif cfg.checkpoint.load_dir:
+        src = ckpt.latest_checkpoint(cfg.checkpoint.load_dir) or cfg.checkpoint.load_dir
+        for role, model in models.items():
+            ckpt.load_model(src, role, model)
+        log_main(f"initialised weights from {src}")
+    return state
+
+
+def maybe_save(
+    cfg: RunConfig,
+    state: TrainState,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, Optimizer],
+    tokenizer_hash: str,
+    final: bool,
+) -> None:
+    interval = cfg.checkpoint.save_interval
+    if not (final or (interval and state.step % interval == 0)):
+        return
+    ckpt.save_checkpoint(
+        cfg.save_dir,
+        state.step,
+        models,
+        optimizers if cfg.checkpoint.save_optimizer else {},
+        state.to_dict(),
+        cfg.to_dict(),
+        tokenizer_hash,
+        cfg.checkpoint.keep_last,
+    )
+
+
+def log_main(msg: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"[mrlhf {time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -1,0 +1,111 @@
+"""AdamW with optional ZeRO-1 sharding over DP and fp32 master weights for bf16 models; the LR schedule.
+
+ZeRO-1 here partitions whole parameters over the DP ranks (greedy by size, in parameter order): each rank keeps
+Adam state (and fp32 masters) only for the parameters it owns, steps them, and broadcasts them to the other DP
+ranks. Adam is elementwise per parameter and clipping happens before, so the result equals the unsharded
+optimizer exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import parallel_state as ps
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from mrlhf.config import OptimizerConfig, SchedulerConfig
+from mrlhf.parallel import comm
+
+
+def lr_at(step: int, total_steps: int, opt: OptimizerConfig, sched: SchedulerConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine/linear/constant decay."""
+    if sched.warmup_steps and step < sched.warmup_steps:
+        return opt.lr * (step + 1) / sched.warmup_steps
+    if sched.decay == "constant":
+        return opt.lr
+    progress = min(1.0, (step - sched.warmup_steps) / max(1, total_steps - sched.warmup_steps))
+    if sched.decay == "linear":
+        return opt.lr - (opt.lr - opt.min_lr) * progress
+    return opt.min_lr + (opt.lr - opt.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def assign_owners(sizes: list[int], dp: int) -> list[int]:
+    """Greedy, deterministic partition of parameters (by element count) over ``dp`` ranks."""
+    load = [0] * dp
+    owners = []
+    for n in sizes:
+        r = min(range(dp), key=lambda i: (load[i], i))
+        owners.append(r)
+        load[r] += n
+    return owners
+
+
+class Optimizer:
+    """AdamW over a model's parameters: decay on matrices only, optional ZeRO-1, fp32 masters for low precision."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimizerConfig, zero1: bool = False) -> None:
+        self.params = params
+        self.cfg = cfg
+        self.zero1 = zero1 and ps.get_data_parallel_world_size() > 1
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.owners = assign_owners([p.numel() for p in params], dp) if self.zero1 else [dp_rank] * len(params)
+        self.owned = [i for i, r in enumerate(self.owners) if r == dp_rank]
+        self.use_master = any(p.dtype != torch.float32 for p in params)
+        # What the inner AdamW steps: the model params themselves, or fp32 master copies of the owned ones.
+        self.targets: dict[int, torch.nn.Parameter] = {}
+        for i in self.owned:
+            p = params[i]
+            self.targets[i] = torch.nn.Parameter(p.detach().float().clone()) if self.use_master else p
+        decay = [self.targets[i] for i in self.owned if params[i].ndim >= 2]
+        no_decay = [self.targets[i] for i in self.owned if params[i].ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        self.inner = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        if self.use_master:
+            for i, master in self.targets.items():
+                g = self.params[i].grad
+                master.grad = None if g is None else g.float()
+        self.inner.step()
+        if self.use_master:
+            for i, master in self.targets.items():
+                self.params[i].copy_(master)
+                master.grad = None
+        if self.zero1:
+            self._broadcast_owned()
+
+    def _broadcast_owned(self) -> None:
+        for r in range(ps.get_data_parallel_world_size()):
+            mine = [self.params[i].data for i, o in enumerate(self.owners) if o == r]
+            if not mine:
+                continue
+            flat = _flatten_dense_tensors(mine)
+            comm.broadcast_from_dp_rank(flat, r)
+            for p, new in zip(mine, _unflatten_dense_tensors(flat, mine)):
+                p.copy_(new)
+
+    def state_dict(self) -> dict:
+        state = {"inner": self.inner.state_dict(), "owned": self.owned, "zero1": self.zero1}
+        if self.use_master:
+            state["masters"] = {i: m.detach().clone() for i, m in self.targets.items()}
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if state["owned"] != self.owned or state["zero1"] != self.zero1:
+            raise ValueError("optimizer state was saved with a different parameter partition (layout or zero1)")
+        self.inner.load_state_dict(state["inner"])
+        if self.use_master:
+            for i, m in state["masters"].items():
+                self.targets[int(i)].copy_(m)
