@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -230,6 +231,8 @@ class TrainingConfig:
 class CheckpointConfig:
     """Saving, retention and resuming."""
 
+    enabled: bool = True
+    """Save checkpoints at all (off for throwaway runs and benchmarks)."""
     save_dir: str | None = None
     """Checkpoint directory; None means <output_dir>/checkpoints."""
     save_interval: int = 0
@@ -411,25 +414,29 @@ def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Check a scalar against its annotation (str, int, float, bool, X | None, list)."""
-    text = str(hint)
-    allowed_none = "None" in text
+    """Check a scalar against its annotation (str, int, float, bool, optionally ``| None``)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if args else hint
     if value is None:
-        if allowed_none:
+        if optional:
             return None
         raise ConfigError(f"{source}: '{key}' must not be null")
-    base = text.replace(" | None", "").replace("None | ", "").strip()
+    if base is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     ok = {
-        "bool": isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "str": isinstance(value, str),
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
     }.get(base, True)
-    if base == "bool | str" or base.startswith("list"):
-        ok = True
     if not ok:
-        raise ConfigError(f"{source}: '{key}' must be {base}, got {type(value).__name__} {value!r}")
-    return float(value) if base == "float" else value
+        name = getattr(base, "__name__", str(base))
+        raise ConfigError(f"{source}: '{key}' must be {name}, got {type(value).__name__} {value!r}")
+    return float(value) if base is float else value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -90,9 +90,22 @@ def init_value(name: str, shape: tuple[int, ...], cfg: RunConfig, seed: int) -> 
     return torch.randn(shape, generator=gen) * std
 
 
+def mark_tensor_parallel(gpt) -> None:
+    """Tag TP-sharded weights (megatron only tags them when it initialises them itself)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for module in gpt.modules():
+        dim = {ColumnParallelLinear: 0, VocabParallelEmbedding: 0, RowParallelLinear: 1}.get(type(module))
+        weight = getattr(module, "weight", None)
+        if dim is not None and isinstance(weight, torch.nn.Parameter):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
 @torch.no_grad()
 def init_weights(gpt, cfg: RunConfig, seed: int) -> None:
     """Initialise every parameter from (seed, global name), identically under any TP/PP layout."""
+    mark_tensor_parallel(gpt)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     gated = cfg.model.flavour == "llama"
     for local_name, param in gpt.named_parameters():

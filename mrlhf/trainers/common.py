@@ -137,7 +137,7 @@ def maybe_save(
     final: bool,
 ) -> None:
     interval = cfg.checkpoint.save_interval
-    if not (final or (interval and state.step % interval == 0)):
+    if not cfg.checkpoint.enabled or not (final or (interval and state.step % interval == 0)):
         return
     ckpt.save_checkpoint(
         cfg.save_dir,
