@@ -82,6 +82,8 @@ class MetricsWriter:
         self.bar = None
         if self.enabled:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            if initial == 0 and os.path.exists(self.path):  # a fresh run starts a fresh file; a resume appends
+                os.remove(self.path)
             show = cfg.logging.progress_bar and sys.stderr.isatty() and not os.environ.get("CI")
             if show:
                 from tqdm import tqdm
