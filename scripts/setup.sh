@@ -17,7 +17,7 @@ vpy="$venv/bin/python"
 pip_q=(-q --disable-pip-version-check)
 
 # 1. torch: keep one that imports, else install the pinned one.
-if torch_ver="$("$vpy" -c 'import torch; print(torch.__version__)' 2>/dev/null)"; then
+if torch_ver="$(PYTHONWARNINGS=ignore "$vpy" -c "import torch; print(torch.__version__)" 2>/dev/null)"; then
   echo "[setup] torch $torch_ver already importable; keeping it"
 else
   if [ -n "${MRLHF_TORCH_SPEC:-}" ]; then
@@ -28,7 +28,7 @@ else
     spec="torch==2.13.0"
   fi
   echo "[setup] installing $spec"
-  "$vpy" -m pip install "${pip_q[@]}" "$spec"
+  "$vpy" -m pip install "${pip_q[@]}" "$spec" numpy
   torch_ver="$("$vpy" -c 'import torch; print(torch.__version__)')"
 fi
 # Pin torch so no later install upgrades it (megatron-core would otherwise pull a CUDA build).
@@ -48,4 +48,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 else
   echo "[setup] dependencies up to date"
 fi
-"$vpy" -c 'import mrlhf, torch, megatron.core; print(f"[setup] mrlhf {mrlhf.__version__} torch {torch.__version__} megatron-core {megatron.core.__version__}")'
+PYTHONWARNINGS=ignore "$vpy" -c 'import mrlhf, torch, megatron.core; print(f"[setup] mrlhf {mrlhf.__version__} torch {torch.__version__} megatron-core {megatron.core.__version__}")'

@@ -91,4 +91,6 @@ def build_role(cfg: RunConfig, role: str, vocab_size: int, seed: int | None = No
     """This rank's stage of ``role``, initialised from ``seed`` (default: training.seed)."""
     model = RoleModel(cfg, role, vocab_size, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
     model.init_weights(cfg.training.seed if seed is None else seed)
-    return model
+    # megatron builds norms in fp32 whatever params_dtype says; low precision means the whole model (as
+    # megatron's Float16Module does), with fp32 master weights kept by the optimizer
+    return model.to(cfg.to_transformer_config().params_dtype)
