@@ -104,6 +104,7 @@ def train_sft(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         f"{sum(p.numel() for p in model.parameters())} params on rank 0, steps {state.step}->{t.train_steps}"
     )
     losses: list[float] = []
+    grad_norms: list[float] = []
     record: dict[str, Any] = {}
     model.train()
     while state.step < t.train_steps:
@@ -116,9 +117,11 @@ def train_sft(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         step_metrics = optimizer_step(model, opt, cfg, state.step)
         state.step += 1
         state.consumed_samples += t.global_batch_size
+        state.extra["lr_scheduler"] = {"last_step": state.step - 1, "last_lr": step_metrics["lr"]}
         (nll,) = reduce_last_stage_scalars([float(sum(s["nll_sum"] for s in stats))])
         loss = nll / global_tokens
         losses.append(loss)
+        grad_norms.append(step_metrics["grad_norm"])
         elapsed = time.perf_counter() - start
         seq_tokens = sum(mb["attention_mask"].sum().item() for mb in mbs) * ps.get_data_parallel_world_size()
         record = {
@@ -142,4 +145,4 @@ def train_sft(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
             f"SFT done: step {state.step} loss {record['loss']:.4f}"
             + (f" eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else "")
         )
-    return {"losses": losses, "final": record, "model": model, "output_dir": os.path.abspath(t.output_dir)}
+    return {"losses": losses, "grad_norms": grad_norms, "final": record, "model": model, "output_dir": os.path.abspath(t.output_dir)}

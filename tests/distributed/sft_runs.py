@@ -47,7 +47,7 @@ def sft_rank(rank: int, out: str, layout: dict[str, int], extra: list[str]) -> d
         for n, p in model.named_parameters()
     }
     coord = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
-    return {"losses": result["losses"], "params": params, "coord": coord}
+    return {"losses": result["losses"], "grad_norms": result["grad_norms"], "params": params, "coord": coord}
 
 
 def set_fault(point: str | None) -> dict[str, str]:

@@ -24,12 +24,12 @@ def baseline(request, tmp_path_factory):
     if flavour == "gpt2":
         extra.append("model.num_query_groups=null")
     (res,) = run_ranks(sft_rank, 1, str(tmp_path_factory.mktemp("base")), {}, extra)
-    return flavour, extra, res["losses"]
+    return flavour, extra, res["losses"], res["grad_norms"]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(baseline, name, tmp_path):
-    flavour, extra, ref = baseline
+    flavour, extra, ref, ref_norms = baseline
     layout, world, more = LAYOUTS[name]
     results = run_ranks(sft_rank, world, str(tmp_path), layout, extra + more)
     assert len(ref) == 5
@@ -37,6 +37,10 @@ def test_layout_matches_single_process(baseline, name, tmp_path):
         assert r["losses"] == results[0]["losses"]
         for got, want in zip(r["losses"], ref):
             assert abs(got - want) <= REL_TOL * abs(want), f"{flavour} {name}: {r['losses']} vs {ref}"
+        # the global grad norm (TP-sharded params once per shard, replicated ones once, tied embedding once)
+        for got, want in zip(r["grad_norms"], ref_norms):
+            assert abs(got - want) <= REL_TOL * want, f"{flavour} {name}: {r['grad_norms']} vs {ref_norms}"
+    assert min(ref_norms) > 1.0  # clip_grad=1 is active, so a wrong norm would also change the losses
     assert ref[-1] < ref[0]  # and the run actually learns
 
 
