@@ -48,6 +48,7 @@ setup(
         "pyyaml",
         "psutil",
         "tqdm",
+        "tokenizers>=0.20",
     ],
     entry_points={"console_scripts": ["mrlhf=mrlhf.cli:main"]},
     ext_modules=ext_modules,

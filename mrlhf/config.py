@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -177,20 +178,58 @@ class SchedulerConfig:
 
 @dataclass
 class DataConfig:
-    """Where the text comes from and how it is cut."""
+    """Where the text comes from, how it is rendered and cut, and how sources are mixed and split."""
 
     train_path: str = ""
-    """Training jsonl ({prompt, response} or {messages}) for SFT."""
+    """Training file (jsonl/json/parquet); shorthand for a single entry in ``sources``."""
+    sources: list[str] = field(default_factory=list)
+    """Blended training sources, each 'name:ratio:path' (or a bare path, ratio 1)."""
     eval_path: str | None = None
-    """Held-out jsonl for periodic eval loss; None disables eval."""
+    """Held-out file; None holds out ``eval_fraction`` of the training sources instead."""
+    eval_fraction: float = 0.0
+    """Fraction of each source held out for eval when eval_path is None (deterministic split)."""
+    schema: str | None = None
+    """Record schema (prompt_response, alpaca, messages, hh_rlhf, ...); None detects it from the first record."""
+    pku_preference: str = "better"
+    """PKU-SafeRLHF: which label marks the chosen response, 'better' or 'safer'."""
+    data_split: list[float] | None = None
+    """DeepSpeed-Chat stage split of each source across SFT/RM/PPO, e.g. [2, 4, 4]; None uses all of it."""
     tokenizer_path: str = ""
-    """sentencepiece .model file."""
+    """sentencepiece .model file, or an HF tokenizer.json (or a directory holding one)."""
+    template: str = "plain"
+    """Chat template: 'plain' (role tags), 'llama2' ([INST]) or 'chatml'."""
     max_seq_len: int = 256
-    """Longest prompt+response in tokens; longer samples are an error."""
+    """Longest prompt+response in tokens (bos and eos included)."""
+    max_prompt_len: int = 128
+    """Longest prompt in tokens (bos and the assistant opener included)."""
+    length_policy: str = "error"
+    """Samples over a limit: 'error' (stop, naming file and line), 'truncate' or 'drop' (counted and logged)."""
+    pack_sft: bool = False
+    """Pack several SFT samples into one row of max_seq_len; attention and positions stay within each sample."""
+    cache_dir: str | None = "~/.cache/mrlhf/data"
+    """Tokenized-data cache (memory-mapped numpy); None disables it."""
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 2:
             raise ConfigError("data.max_seq_len must be >= 2")
+        if not 1 <= self.max_prompt_len <= self.max_seq_len:
+            raise ConfigError(
+                f"data.max_prompt_len ({self.max_prompt_len}) must be in [1, data.max_seq_len ({self.max_seq_len})]"
+            )
+        if self.length_policy not in ("error", "truncate", "drop"):
+            raise ConfigError(f"data.length_policy must be error, truncate or drop, got {self.length_policy!r}")
+        if self.pku_preference not in ("better", "safer"):
+            raise ConfigError(f"data.pku_preference must be better or safer, got {self.pku_preference!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError("data.eval_fraction must be in [0, 1)")
+        if self.train_path and self.sources:
+            raise ConfigError("set data.train_path or data.sources, not both")
+        if self.data_split is not None and (len(self.data_split) != 3 or min(self.data_split) < 0):
+            raise ConfigError(f"data.data_split must be three non-negative weights (SFT, RM, PPO), got {self.data_split}")
+
+    @property
+    def source_specs(self) -> list[str]:
+        return self.sources or ([self.train_path] if self.train_path else [])
 
 
 @dataclass
@@ -415,13 +454,19 @@ def _build(cls: type, data: dict[str, Any], where: str, source: str) -> Any:
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     """Check a scalar against its annotation (str, int, float, bool, optionally ``| None``)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = type(None) in typing.get_args(hint)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else []
+    optional = union and type(None) in typing.get_args(hint)
     base = args[0] if args else hint
     if value is None:
         if optional:
             return None
         raise ConfigError(f"{source}: '{key}' must not be null")
+    if typing.get_origin(base) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(base)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if base is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-4 (no dot) as a string
             return float(value)
@@ -489,9 +534,19 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: str) -> None:
-    """Paths in data.* that start with './' or '../' are taken relative to the YAML file."""
+    """Paths in data.* (and the path part of 'name:ratio:path' sources) starting with './' or '../' are taken
+    relative to the YAML file."""
+
+    def fix(value: str) -> str:
+        prefix, _, path = value.rpartition(":") if value.count(":") >= 2 else ("", "", value)
+        if path.startswith(("./", "../")):
+            path = os.path.normpath(os.path.join(base, path))
+        return f"{prefix}:{path}" if prefix else path
+
     section = data.get("data")
     if isinstance(section, dict):
         for key, value in section.items():
-            if isinstance(value, str) and value.startswith(("./", "../")):
-                section[key] = os.path.normpath(os.path.join(base, value))
+            if isinstance(value, str):
+                section[key] = fix(value)
+            elif isinstance(value, list):
+                section[key] = [fix(v) if isinstance(v, str) else v for v in value]

@@ -70,9 +70,13 @@ class SDPACoreAttention(MegatronModule):
 def build_attention_mask(attention_mask: torch.Tensor | None, sq: int) -> torch.Tensor | None:
     """Padding mask ``[b, s]`` (True = real token) -> megatron mask ``[b, 1, s, s]`` (True = masked).
 
+    A 4-D mask (packed samples, built by ``collate_packed_sft``) passes through unchanged.
+
     Causal and key-padding are combined. A padded query row would have nothing to attend to, so it attends to
     itself: its output is ignored by every loss, and this keeps softmax free of NaNs. None stays None (causal).
     """
+    if attention_mask is not None and attention_mask.dim() == 4:  # already [b, 1, sq, sk] (packed sequences)
+        return attention_mask
     if attention_mask is None or bool(attention_mask.all()):
         return None
     b, s = attention_mask.shape

@@ -10,7 +10,8 @@ import torch
 from megatron.core import parallel_state as ps
 
 from mrlhf.config import RunConfig
-from mrlhf.data.sft import SFTDataset, collate_sft, global_batch_indices
+from mrlhf.data.collate import collate_packed_sft, collate_sft, pack_sft
+from mrlhf.data.datasets import build_datasets, global_batch_indices
 from mrlhf.data.tokenizer import Tokenizer
 from mrlhf.errors import DataError
 from mrlhf.models.roles import build_role
@@ -32,14 +33,22 @@ from mrlhf.trainers.optim import Optimizer
 
 
 def make_microbatches(
-    dataset: SFTDataset, indices: list[int], micro_batch_size: int, pad_id: int, device: torch.device
+    dataset, indices: list[int], cfg: RunConfig, pad_id: int, device: torch.device
 ) -> list[dict[str, torch.Tensor]]:
-    """This DP rank's samples -> padded microbatches on ``device``."""
-    out = []
-    for i in range(0, len(indices), micro_batch_size):
-        batch = collate_sft([dataset[j] for j in indices[i : i + micro_batch_size]], pad_id)
-        out.append({k: v.to(device) for k, v in batch.items()})
-    return out
+    """This DP rank's samples -> padded (or packed) microbatches of ``micro_batch_size`` rows on ``device``."""
+    mbs = cfg.training.micro_batch_size
+    samples = [dataset[j] for j in indices]
+    if cfg.data.pack_sft:
+        rows = pack_sft(samples, cfg.data.max_seq_len - 1)
+        batches = [collate_packed_sft(rows[i : i + mbs], pad_id) for i in range(0, len(rows), mbs)]
+    else:
+        batches = [collate_sft(samples[i : i + mbs], pad_id) for i in range(0, len(samples), mbs)]
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+
+def real_tokens(mb: dict[str, torch.Tensor]) -> int:
+    mask = mb.get("real_tokens", mb["attention_mask"])
+    return int(mask.sum())
 
 
 def dp_slice(indices: list[int]) -> list[int]:
@@ -58,13 +67,13 @@ def sft_loss_fn(global_tokens: float):
     return loss_fn
 
 
-def evaluate(model, dataset: SFTDataset, cfg: RunConfig, ctx: ParallelContext, pad_id: int) -> float:
+def evaluate(model, dataset, cfg: RunConfig, ctx: ParallelContext, pad_id: int) -> float:
     """Mean response-token NLL on the first ``eval_samples`` held-out samples (split over DP)."""
     t = cfg.training
     unit = ps.get_data_parallel_world_size() * t.micro_batch_size
     n = max(unit, min(t.eval_samples, len(dataset)) // unit * unit)
     indices = [i % len(dataset) for i in range(n)]
-    mbs = make_microbatches(dataset, dp_slice(indices), t.micro_batch_size, pad_id, ctx.device)
+    mbs = make_microbatches(dataset, dp_slice(indices), cfg, pad_id, ctx.device)
     model.eval()
     dtype = next(model.parameters()).dtype
     stats = forward_only(
@@ -85,12 +94,15 @@ def train_sft(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     t = cfg.training
     seed_everything(t.seed)
     tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
-    train = SFTDataset(cfg.data.train_path, tokenizer, cfg.data.max_seq_len)
+    data = build_datasets(cfg, "sft", "sft", tokenizer)
+    train, evalset = data.train, data.eval
     if len(train) < t.global_batch_size:
         raise DataError(
-            cfg.data.train_path, None, None, f"{len(train)} samples is fewer than one global batch ({t.global_batch_size})"
-        )
-    evalset = SFTDataset(cfg.data.eval_path, tokenizer, cfg.data.max_seq_len) if cfg.data.eval_path else None
+            ",".join(cfg.data.source_specs), None, None,
+            f"{len(train)} training samples is fewer than one global batch ({t.global_batch_size})",
+        )  # fmt: skip
+    if any(data.stats.values()):
+        log_main(f"data: {data.stats} (length policy '{cfg.data.length_policy}')")
     save_resolved_config(cfg, ctx)
 
     model = build_role(cfg, "actor", cfg.model.vocab_size or tokenizer.vocab_size).to(ctx.device)
@@ -110,7 +122,7 @@ def train_sft(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     while state.step < t.train_steps:
         start = time.perf_counter()
         indices = global_batch_indices(len(train), t.seed, state.consumed_samples, t.global_batch_size)
-        mbs = make_microbatches(train, dp_slice(indices), t.micro_batch_size, tokenizer.pad_id, ctx.device)
+        mbs = make_microbatches(train, dp_slice(indices), cfg, tokenizer.pad_id, ctx.device)
         tokens = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in mbs))], dtype=torch.float64)
         global_tokens = float(comm.all_reduce_dp(tokens))
         stats = forward_backward(model, mbs, sft_loss_fn(global_tokens), cfg.model.hidden_size, dtype, ctx.device)
@@ -123,7 +135,7 @@ def train_sft(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         losses.append(loss)
         grad_norms.append(step_metrics["grad_norm"])
         elapsed = time.perf_counter() - start
-        seq_tokens = sum(mb["attention_mask"].sum().item() for mb in mbs) * ps.get_data_parallel_world_size()
+        seq_tokens = sum(real_tokens(mb) for mb in mbs) * ps.get_data_parallel_world_size()
         record = {
             "step": state.step,
             "loss": loss,

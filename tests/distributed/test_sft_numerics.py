@@ -53,3 +53,12 @@ def test_bf16_trains_close_to_fp32(tmp_path):
     for a, b in zip(bf16["losses"], fp32["losses"]):
         assert abs(a - b) <= 0.03 * abs(b), (bf16["losses"], fp32["losses"])
     assert bf16["losses"][-1] < bf16["losses"][0] - 0.5
+
+
+def test_packed_sft_equals_padded_sft(tmp_path):
+    """Packing keeps attention and positions within each sample, so per-token losses do not change."""
+    steps = ["training.train_steps=3", "checkpoint.enabled=false", "training.micro_batch_size=4"]
+    (padded,) = run_ranks(sft_rank, 1, str(tmp_path / "pad"), {}, steps)
+    packed = run_ranks(sft_rank, 2, str(tmp_path / "pack"), {"pp": 2}, steps + ["data.pack_sft=true"])
+    for got, want in zip(packed[0]["losses"], padded["losses"]):
+        assert abs(got - want) <= REL_TOL * want, (packed[0]["losses"], padded["losses"])

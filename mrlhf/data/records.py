@@ -1,0 +1,54 @@
+"""Typed samples every reader produces and every dataset consumes.
+
+A conversation prefix is a list of ``Turn``s; the response(s) are plain assistant text. ``source`` locates the record
+(path, 1-based line) so later stages (tokenization, length checks) can still name file and line in errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class SFTSample:
+    """A prompt (one or more turns, ending with a user turn) and the assistant response to learn."""
+
+    prompt: tuple[Turn, ...]
+    response: str
+    source: Source = field(default=Source("<memory>"), compare=False)
+
+
+@dataclass(frozen=True)
+class PreferenceSample:
+    """A prompt and two responses, ``chosen`` preferred over ``rejected``; optional margin for the RM loss."""
+
+    prompt: tuple[Turn, ...]
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    source: Source = field(default=Source("<memory>"), compare=False)
+
+
+@dataclass(frozen=True)
+class PromptSample:
+    """A prompt alone (PPO rollouts, evaluation)."""
+
+    prompt: tuple[Turn, ...]
+    source: Source = field(default=Source("<memory>"), compare=False)
+
+
+Sample = SFTSample | PreferenceSample | PromptSample
