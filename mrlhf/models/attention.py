@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from mrlhf.ops.kv_cache import active_decode_state, cached_attention
+
 
 class SDPACoreAttention(MegatronModule):
     """softmax(q k^T * scale + mask) v over local heads; GQA without materialising repeated keys."""
@@ -29,6 +31,7 @@ class SDPACoreAttention(MegatronModule):
         pg_collection=None,
     ) -> None:
         super().__init__(config=config)
+        self.layer_number = layer_number
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
@@ -43,6 +46,11 @@ class SDPACoreAttention(MegatronModule):
         packed_seq_params=None,
     ) -> torch.Tensor:
         assert packed_seq_params is None and attention_bias is None, "packed sequences / bias not supported here"
+        state = active_decode_state()
+        if state is not None:  # generation over the KV cache (see mrlhf.ops.kv_cache)
+            out = cached_attention(state, self.layer_number, query, key, value, self.softmax_scale)
+            if out is not None:
+                return out  # decode step; prefill appended its keys and runs ordinary attention below
         sq, b, np_, hn = query.shape
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))

@@ -127,10 +127,12 @@ def backbone_forward(
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     input_tensor: torch.Tensor | None = None,
+    rope: bool = True,
 ) -> torch.Tensor:
     """Run this stage. tokens/position_ids/attention_mask: [b, s]; input_tensor (non-first stages): [s, b, h].
 
-    Returns hidden states [s, b, h] (after the final norm on the last stage).
+    Returns hidden states [s, b, h] (after the final norm on the last stage). ``rope=False`` leaves q/k unrotated
+    (decode steps whose fused cache op applies RoPE itself).
     """
     s = tokens.shape[1]
     mask = build_attention_mask(attention_mask, s)
@@ -141,7 +143,7 @@ def backbone_forward(
         gpt.decoder.set_input_tensor(input_tensor)
         hidden = None
     rotary = None
-    if getattr(gpt, "rotary_pos_emb", None) is not None:
+    if rope and getattr(gpt, "rotary_pos_emb", None) is not None:
         table = gpt.rotary_pos_emb(int(position_ids.max()) + 1)  # [max_pos, 1, 1, d]
         rotary = table[position_ids.t()].squeeze(2)  # [s, b, 1, d]: each sequence at its own positions
     return gpt.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)

@@ -65,6 +65,15 @@ def broadcast_from_dp_rank(t: torch.Tensor, dp_rank: int) -> torch.Tensor:
     return t
 
 
+def all_gather_tp(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every TP rank's copy of ``t`` (same shape everywhere), in TP-rank order."""
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return [t]
+    parts = [torch.empty_like(t) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return parts
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -1,0 +1,331 @@
+"""Generation inside the training layout: prefill + incremental decode over the KV cache, TP and PP.
+
+Pipeline schedule: the stages form a ring. ``S >= pp`` microbatches ("slots") are in flight; at every tick each
+stage works on a different slot -- the first stage embeds (a new prompt batch for a free slot, or the tokens just
+sampled for a busy one), middle stages pass hidden states on, the last stage samples and sends the new tokens back
+to the first stage. A slot whose sequences are all finished is refilled with waiting prompts. With S >= pp every
+stage is busy at every tick once the ring is full, instead of 1/pp of the time when one batch walks the pipeline.
+
+Every message between stages is a fixed 8-int header followed by its payload, so stages need no shared view of
+which sequences finished: the header says what the payload is. TP ranks of a stage do identical work; sampling
+is vocab-parallel (``sampling.py``), so all TP ranks pick the same token without gathering the logits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from mrlhf.data.collate import collate_prompts
+from mrlhf.generation.sampling import SamplingParams, sample_tokens
+from mrlhf.models.backbone import backbone_forward, position_ids_from_mask
+from mrlhf.models.heads import vocab_parallel_logits
+from mrlhf.ops.kv_cache import DecodeState, KVCache, decoding
+from mrlhf.parallel import comm
+
+IDLE, PREFILL, DECODE, STOP = 0, 1, 2, 3
+REASONS = ("length", "eos", "stop_string")
+
+
+@dataclass
+class GenerationConfig:
+    """What to generate and how."""
+
+    max_new_tokens: int = 32
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    micro_batch_size: int = 8
+    num_slots: int | None = None  # None: pp (the minimum that keeps every stage busy)
+
+
+@dataclass
+class GenerationOutput:
+    """Per prompt, in input order: generated ids (stop token included), their log-probs, why it ended."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reasons: list[str]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    mb: int
+    seq_ids: torch.Tensor  # [B] global prompt indices
+    width: int  # left-padded prompt width P
+    starts: torch.Tensor  # [B] number of left pads
+    produced: int = 0  # generated tokens so far
+
+
+class Generator:
+    """Runs generation for one role model (actor) on this rank's stage."""
+
+    def __init__(
+        self,
+        model,
+        gen: GenerationConfig,
+        pad_id: int,
+        decode_text: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        self.model, self.gen, self.pad_id, self.decode_text = model, gen, pad_id, decode_text
+        self.gpt = model.backbone
+        cfg = self.gpt.config
+        self.hidden = cfg.hidden_size
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.pp, self.pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+        self.first, self.last = self.pp_rank == 0, self.pp_rank == self.pp - 1
+        self.groups = cfg.num_query_groups // ps.get_tensor_model_parallel_world_size()
+        self.head_dim = cfg.kv_channels
+        self.layer_offset = self.gpt.decoder.layers[0].layer_number - 1
+        self.rope = getattr(self.gpt, "rotary_pos_emb", None)
+        if gen.stop_strings and decode_text is None:
+            raise ValueError("stop strings need decode_text (a tokenizer's decode)")
+
+    # -- one forward of one slot on this stage ---------------------------------------------------------------------
+
+    def _forward(self, cache: KVCache, slot_idx: int, slot: _Slot, batch: dict, inp: torch.Tensor | None, tokens):
+        b = slot.seq_ids.numel()
+        if tokens is None:  # decode: one new token per sequence
+            n = slot.produced
+            col = slot.width + n - 1
+            pos = (col - slot.starts).to(self.device)  # [B] logical positions
+            state = DecodeState(
+                cache=cache, slot=slot_idx, batch=b, layer_offset=self.layer_offset, prefill=False,
+                write_pos=torch.full((b,), col, dtype=torch.long, device=self.device),
+                starts=slot.starts.to(self.device),
+                lengths=torch.full((b,), col + 1, dtype=torch.long, device=self.device),
+            )  # fmt: skip
+            if self.rope is not None:
+                emb = self.rope(int(pos.max()) + 1)[pos][:, 0, 0]  # [B, D]
+                state.cos, state.sin = torch.cos(emb).to(self.dtype), torch.sin(emb).to(self.dtype)
+            toks = batch["next"].view(b, 1) if self.first else batch["dummy"]
+            positions, mask = pos.view(b, 1), None
+        else:
+            state = DecodeState(
+                cache=cache, slot=slot_idx, batch=b, layer_offset=self.layer_offset, prefill=True,
+                write_pos=torch.zeros(b, dtype=torch.long, device=self.device),
+            )
+            toks, positions, mask = tokens["tokens"], tokens["position_ids"], tokens["attention_mask"]
+        with decoding(state), torch.no_grad():
+            rope_in_op = tokens is None and self.rope is not None
+            hidden = backbone_forward(self.gpt, toks, positions, mask, input_tensor=inp, rope=not rope_in_op)
+        return hidden
+
+    # -- the ring -------------------------------------------------------------------------------------------------
+
+    def _exchange(self, header: torch.Tensor | None, payload: torch.Tensor | None, recv: bool, mbs: list[dict]):
+        """Send (header, payload) to the next stage of the ring and, if ``recv``, receive the previous stage's.
+
+        A stage that has stopped neither sends nor receives again, so the last messages are one-sided.
+        """
+        if self.pp == 1:
+            return header, payload
+        group = ps.get_pipeline_model_parallel_group()
+        nxt = ps.get_pipeline_model_parallel_next_rank()
+        prv = ps.get_pipeline_model_parallel_prev_rank()
+
+        def run(ops):
+            if ops:
+                for r in dist.batch_isend_irecv(ops):
+                    r.wait()
+
+        got = torch.empty(8, dtype=torch.long) if recv else None
+        ops = [] if header is None else [dist.P2POp(dist.isend, header, nxt, group)]
+        if recv:
+            ops.append(dist.P2POp(dist.irecv, got, prv, group))
+        run(ops)
+        ops, buf = [], None
+        if payload is not None:
+            ops.append(dist.P2POp(dist.isend, payload.contiguous(), nxt, group))
+        spec = self._payload_spec(got) if recv else None
+        if spec is not None:
+            buf = torch.empty(spec[0], dtype=spec[1], device=self.device)
+            ops.append(dist.P2POp(dist.irecv, buf, prv, group))
+        run(ops)
+        return got, buf
+
+    def _payload_spec(self, header: torch.Tensor):
+        kind, _, mb, _, b, t = (int(x) for x in header[:6])
+        if kind not in (PREFILL, DECODE):
+            return None
+        if self.first:  # from the last stage: sampled tokens and done flags
+            return torch.Size((2, b)), torch.long
+        return torch.Size((t, b, self.hidden)), self.dtype
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]]) -> GenerationOutput:
+        """Generate for every prompt (all ranks pass the same list); every rank returns the same output."""
+        g = self.gen
+        mb_size = g.micro_batch_size
+        mbs = []
+        for start in range(0, len(prompts), mb_size):
+            batch = collate_prompts(prompts[start : start + mb_size], self.pad_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch["seq_ids"] = torch.arange(start, start + batch["tokens"].shape[0])
+            batch["starts"] = (~batch["attention_mask"]).sum(-1).cpu()
+            batch["dummy"] = torch.zeros((batch["tokens"].shape[0], 1), dtype=torch.long, device=self.device)
+            mbs.append(batch)
+        num_slots = max(self.pp, g.num_slots or self.pp)
+        width = max((m["tokens"].shape[1] for m in mbs), default=1)
+        cache = KVCache(
+            len(self.gpt.decoder.layers), num_slots, min(mb_size, max(len(prompts), 1)), width + g.max_new_tokens,
+            self.groups, self.head_dim, self.dtype, self.device,
+        )  # fmt: skip
+        n, cap = len(prompts), g.max_new_tokens
+        out_tokens = torch.full((n, cap), -1, dtype=torch.long)
+        out_logprobs = torch.zeros((n, cap), dtype=torch.float32)
+        out_len = torch.full((n,), cap, dtype=torch.long)
+        out_reason = torch.zeros((n,), dtype=torch.long)
+        done = torch.zeros(n, dtype=torch.bool)
+
+        slots: list[_Slot | None] = [None] * num_slots
+        pending: dict[int, torch.Tensor] = {}  # first stage: slot -> next input tokens
+        waiting = deque(range(len(mbs)))
+        recv_header = torch.tensor([IDLE, 0, 0, 0, 0, 0, 0, 0], dtype=torch.long)
+        recv_payload = None
+        tick, stop_sent, busy_time = 0, False, 0.0
+        t0 = time.perf_counter()
+        while True:
+            # 1. what this stage works on at this tick
+            inp = None
+            if self.first:
+                header = None if stop_sent else self._decide(tick % num_slots, slots, pending, waiting, mbs)
+            else:
+                header, inp = recv_header, recv_payload
+            kind = IDLE if header is None else int(header[0])
+            # 2. compute
+            out_payload = None
+            if kind in (PREFILL, DECODE):
+                start = time.perf_counter()
+                s, m = int(header[1]), int(header[2])
+                if kind == PREFILL and not self.first:
+                    slots[s] = _Slot(m, mbs[m]["seq_ids"], mbs[m]["tokens"].shape[1], mbs[m]["starts"])
+                sl = slots[s]
+                sl.produced = int(header[3])
+                batch = dict(mbs[m])
+                if kind == DECODE and self.first:
+                    batch["next"] = pending.pop(s)
+                hidden = self._forward(cache, s, sl, batch, inp, mbs[m] if kind == PREFILL else None)
+                if self.last:
+                    out_payload = self._sample(hidden, sl, out_tokens, out_logprobs, out_len, out_reason, done)
+                    if not self.first and bool(done[sl.seq_ids].all()):
+                        slots[s] = None
+                else:
+                    out_payload = hidden
+                busy_time += time.perf_counter() - start
+            # 3. pass it on around the ring (a non-first stage forwarding STOP knows its predecessor has stopped)
+            forwarding_stop = kind == STOP and not self.first
+            recv_header, recv_payload = self._exchange(header, out_payload, not forwarding_stop, mbs)
+            if forwarding_stop:
+                break
+            if self.first:
+                stop_sent |= kind == STOP
+                rkind = int(recv_header[0])
+                if rkind == STOP:
+                    break
+                if rkind in (PREFILL, DECODE):
+                    rs = int(recv_header[1])
+                    toks, fin = recv_payload[0], recv_payload[1].bool()
+                    if bool(fin.all()):
+                        slots[rs] = None
+                        pending.pop(rs, None)
+                    else:
+                        slots[rs].produced = int(recv_header[3]) + 1
+                        pending[rs] = toks
+            tick += 1
+        wall = time.perf_counter() - t0
+        cache.free()
+        for t in (out_tokens, out_logprobs, out_len, out_reason):
+            comm.broadcast_from_last_stage(t)
+        tokens = [out_tokens[i, : out_len[i]].tolist() for i in range(n)]
+        logprobs = [out_logprobs[i, : out_len[i]].tolist() for i in range(n)]
+        stats = {"wall_s": wall, "busy_s": busy_time, "busy_fraction": busy_time / max(wall, 1e-9), "ticks": tick}
+        if self.pp > 1:  # every stage's busy fraction, for the pipeline benchmark
+            frac = torch.zeros(self.pp, dtype=torch.float64)
+            frac[self.pp_rank] = stats["busy_fraction"]
+            comm.all_reduce_pp(frac)
+            stats["stage_busy_fraction"] = frac.tolist()
+        return GenerationOutput(tokens, logprobs, [REASONS[int(r)] for r in out_reason], stats)
+
+    def _decide(self, s: int, slots, pending, waiting, mbs) -> torch.Tensor:
+        """First stage: the header of this tick -- decode a busy slot, refill a free one, idle, or stop."""
+        sl = slots[s]
+        if sl is not None and s in pending:
+            return torch.tensor([DECODE, s, sl.mb, sl.produced, sl.seq_ids.numel(), 1, 0, 0])
+        if sl is None and waiting:
+            m = waiting.popleft()
+            b, p = mbs[m]["tokens"].shape
+            slots[s] = _Slot(m, mbs[m]["seq_ids"], p, mbs[m]["starts"])
+            return torch.tensor([PREFILL, s, m, 0, b, p, 0, 0])
+        if not waiting and all(x is None for x in slots):
+            return torch.tensor([STOP, 0, 0, 0, 0, 0, 0, 0])
+        return torch.tensor([IDLE, s, 0, 0, 0, 0, 0, 0])
+
+    def _sample(self, hidden, sl: _Slot, out_tokens, out_logprobs, out_len, out_reason, done) -> torch.Tensor:
+        """Last stage: sample token ``sl.produced`` of every sequence, record it, return [2, B] (tokens, done)."""
+        logits = vocab_parallel_logits(self.gpt, hidden[-1:])[0]  # [B, V/tp]
+        vocab_start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
+        ids = sl.seq_ids
+        toks, lps = sample_tokens(logits, self.gen.sampling, ids.to(logits.device), sl.produced, vocab_start)
+        toks, lps = toks.cpu(), lps.cpu()
+        j = sl.produced
+        active = ~done[ids]
+        out_tokens[ids[active], j] = toks[active]
+        out_logprobs[ids[active], j] = lps[active]
+        for row, i in enumerate(ids.tolist()):
+            if done[i]:
+                continue
+            reason = None
+            if int(toks[row]) in self.gen.stop_token_ids:
+                reason = 1
+            elif self.gen.stop_strings:
+                text = self.decode_text(out_tokens[i, : j + 1].tolist())
+                if any(s in text for s in self.gen.stop_strings):
+                    reason = 2
+            if reason is None and j + 1 == self.gen.max_new_tokens:
+                reason = 0
+            if reason is not None:
+                done[i] = True
+                out_len[i] = j + 1
+                out_reason[i] = reason
+        return torch.stack([toks, done[ids].long()]).to(self.device)
+
+
+@torch.no_grad()
+def generate_full_recompute(model, prompts: list[list[int]], gen: GenerationConfig, pad_id: int) -> GenerationOutput:
+    """Reference: no cache, the whole sequence is recomputed for every new token (PP = 1). Same sampler."""
+    assert ps.get_pipeline_model_parallel_world_size() == 1, "the reference generator runs without PP"
+    device = next(model.parameters()).device
+    n = len(prompts)
+    seqs = [list(p) for p in prompts]
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    reasons = ["length"] * n
+    live = list(range(n))
+    for step in range(gen.max_new_tokens):
+        if not live:
+            break
+        for start in range(0, len(live), gen.micro_batch_size):
+            rows = live[start : start + gen.micro_batch_size]
+            batch = {k: v.to(device) for k, v in collate_prompts([seqs[i] for i in rows], pad_id).items()}
+            hidden = backbone_forward(model.backbone, batch["tokens"], batch["position_ids"], batch["attention_mask"])
+            logits = vocab_parallel_logits(model.backbone, hidden[-1:])[0]
+            vocab_start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
+            toks, lps = sample_tokens(logits, gen.sampling, torch.tensor(rows, device=device), step, vocab_start)
+            for row, i in enumerate(rows):
+                t = int(toks[row])
+                seqs[i].append(t)
+                tokens[i].append(t)
+                logprobs[i].append(float(lps[row]))
+                if t in gen.stop_token_ids:
+                    reasons[i] = "eos"
+        live = [i for i in live if reasons[i] == "length"]
+    return GenerationOutput(tokens, logprobs, reasons)

@@ -1,0 +1,130 @@
+"""Token choice from vocab-parallel logits, never gathering the full vocabulary on one rank.
+
+Each TP rank holds logits for global vocab ids ``[vocab_start, vocab_start + V_local)``. Greedy takes a local
+argmax and reduces (value, id) pairs over TP. Sampling is the Gumbel-max trick: ``argmax(logits / T + g)`` with
+noise ``g`` from a counter-based hash of (seed, sequence id, step, global vocab id) -- so the sample of a sequence
+is the same under any TP layout, microbatching or slot assignment, and every TP rank picks the same token.
+Top-k keeps the k largest logits (local top-k, gathered k*tp candidates); top-p keeps the smallest set of those
+candidates whose probability reaches p (exact when the nucleus lies within ``top_p_candidates`` tokens).
+
+The returned log-prob of each token is under the *sampling* temperature over the full vocabulary (before top-k/p
+truncation), the quantity a training-mode forward of the finished sequence computes at the same temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mrlhf.parallel import comm
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens; temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    top_p_candidates: int = 1024
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """Vectorised splitmix64 on int64 (wrapping arithmetic; logical shifts emulated with masks)."""
+
+    def shr(v: torch.Tensor, n: int) -> torch.Tensor:
+        return (v >> n) & ((1 << (64 - n)) - 1)
+
+    x = x + (0x9E3779B97F4A7C15 - (1 << 64))
+    x = (x ^ shr(x, 30)) * (0xBF58476D1CE4E5B9 - (1 << 64))
+    x = (x ^ shr(x, 27)) * (0x94D049BB133111EB - (1 << 64))
+    return x ^ shr(x, 31)
+
+
+def uniform_noise(seed: int, seq_ids: torch.Tensor, step: int, vocab_ids: torch.Tensor) -> torch.Tensor:
+    """U(0,1) of shape [B, V_local], a pure function of (seed, sequence id, step, global vocab id)."""
+    key = _splitmix64(_splitmix64(seq_ids.long() * 1_000_003 + seed) + step)  # [B]
+    bits = _splitmix64(key[:, None] ^ vocab_ids.long()[None, :])  # [B, V_local]
+    mantissa = (bits >> 11) & ((1 << 53) - 1)  # 53 random bits
+    return (mantissa.double() + 0.5) / float(1 << 53)
+
+
+def _global_argmax(values: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """argmax over the TP-split last dim of ``values`` [B, V_local]; ties go to the lowest global id."""
+    local_val, local_idx = values.max(dim=-1)
+    pair = torch.stack([local_val.double(), (local_idx + vocab_start).double()], dim=-1)  # [B, 2]
+    parts = torch.stack(comm.all_gather_tp(pair))  # [tp, B, 2]
+    best = parts[..., 0].argmax(dim=0)  # first rank holding the max -> lowest id among ties
+    return parts[best, torch.arange(parts.shape[1], device=parts.device), 1].long()
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the TP-split last dim: [B, V_local] -> [B] (float32)."""
+    x = logits.float()
+    m = x.max(dim=-1).values
+    comm.all_reduce_tp(m, op=torch.distributed.ReduceOp.MAX)
+    s = torch.exp(x - m[:, None]).sum(dim=-1)
+    comm.all_reduce_tp(s)
+    return m + torch.log(s)
+
+
+def gather_token_logits(logits: torch.Tensor, tokens: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """The logit of each row's token, wherever in the vocab split it lives: [B, V_local], [B] -> [B]."""
+    local = tokens - vocab_start
+    inside = (local >= 0) & (local < logits.shape[-1])
+    picked = logits.float().gather(-1, local.clamp(0, logits.shape[-1] - 1)[:, None]).squeeze(-1)
+    picked = torch.where(inside, picked, torch.zeros_like(picked))
+    comm.all_reduce_tp(picked)
+    return picked
+
+
+def _candidates_threshold(scaled: torch.Tensor, k: int, top_p: float) -> torch.Tensor:
+    """Lowest kept scaled logit per row [B] for top-k and/or top-p, from gathered local top candidates."""
+    vals = scaled.topk(min(k, scaled.shape[-1]), dim=-1).values  # [B, k_local]
+    cand = torch.cat(comm.all_gather_tp(vals), dim=-1).sort(dim=-1, descending=True).values  # [B, k*tp]
+    cand = cand[:, :k]
+    keep = torch.ones_like(cand, dtype=torch.bool)
+    if top_p < 1.0:
+        lse = vocab_parallel_logsumexp(scaled)
+        probs = torch.exp(cand.float() - lse[:, None])
+        before = probs.cumsum(-1) - probs  # mass of strictly better candidates
+        keep &= before < top_p
+    keep[:, 0] = True
+    idx = keep.long().sum(-1) - 1
+    return cand.gather(-1, idx[:, None]).squeeze(-1)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seq_ids: torch.Tensor,
+    step: int,
+    vocab_start: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose one token per row from vocab-parallel ``logits`` [B, V_local] (padding columns already -inf).
+
+    Returns (tokens [B] int64, log-probs [B] float32 under temperature-scaled full softmax; greedy uses T=1).
+    """
+    temp = 1.0 if params.greedy else params.temperature
+    scaled = logits.float() / temp
+    if params.greedy:
+        tokens = _global_argmax(scaled, vocab_start)
+    else:
+        choice = scaled
+        if params.top_k > 0 or params.top_p < 1.0:
+            k = params.top_k if params.top_k > 0 else params.top_p_candidates
+            threshold = _candidates_threshold(scaled, k, params.top_p)
+            choice = scaled.masked_fill(scaled < threshold[:, None], float("-inf"))
+        vocab_ids = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=logits.device)
+        gumbel = -torch.log(-torch.log(uniform_noise(params.seed, seq_ids, step, vocab_ids)))
+        tokens = _global_argmax(choice.double() + gumbel.to(choice.device), vocab_start)
+    logprobs = gather_token_logits(scaled, tokens, vocab_start) - vocab_parallel_logsumexp(scaled)
+    return tokens, logprobs

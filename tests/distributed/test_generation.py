@@ -1,0 +1,79 @@
+"""Generation in the training layout: incremental == full recompute, every TP/PP layout == TP1PP1, sampled runs
+reproducible and identical across TP ranks, rollout log-probs == training log-probs."""
+
+import pytest
+from harness import run_ranks
+
+from gen_runs import generate_rank
+
+GREEDY = {"temperature": 0.0}
+SAMPLED = {"temperature": 1.0, "top_k": 50, "top_p": 0.95, "seed": 17}
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+def test_incremental_equals_full_recompute(flavour):
+    for sampling in (GREEDY, SAMPLED):
+        (r,) = run_ranks(generate_rank, 1, {}, flavour, sampling, {"reference": True, "stop": [7]})
+        assert r["tokens"] == r["ref_tokens"]
+        assert max(abs(a - b) for x, y in zip(r["logprobs"], r["ref_logprobs"]) for a, b in zip(x, y)) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def single(request):
+    return {
+        (flavour, name): run_ranks(generate_rank, 1, {}, flavour, sampling, {"max_new_tokens": 12})[0]
+        for flavour in ("llama", "gpt2")
+        for name, sampling in (("greedy", GREEDY), ("sampled", SAMPLED))
+    }
+
+
+LAYOUTS = {"tp2": ({"tp": 2}, 2), "pp2": ({"pp": 2}, 2), "pp4": ({"pp": 4}, 4), "tp2pp2": ({"tp": 2, "pp": 2}, 4)}
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layouts_generate_the_same_tokens(single, flavour, name):
+    layout, world = LAYOUTS[name]
+    for kind, sampling in (("greedy", GREEDY), ("sampled", SAMPLED)):
+        results = run_ranks(generate_rank, world, layout, flavour, sampling, {"max_new_tokens": 12})
+        ref = single[(flavour, kind)]
+        for r in results:  # every rank, every TP rank, returns the same tokens as TP1PP1
+            assert r["tokens"] == ref["tokens"], (name, kind)
+            assert max(abs(a - b) for x, y in zip(r["logprobs"], ref["logprobs"]) for a, b in zip(x, y)) <= 1e-5
+
+
+def test_sampling_is_reproducible_and_seed_dependent():
+    a = run_ranks(generate_rank, 2, {"tp": 2}, "llama", SAMPLED, {})
+    b = run_ranks(generate_rank, 2, {"tp": 2}, "llama", SAMPLED, {})
+    c = run_ranks(generate_rank, 2, {"tp": 2}, "llama", dict(SAMPLED, seed=18), {})
+    assert a[0]["tokens"] == a[1]["tokens"] == b[0]["tokens"]
+    assert c[0]["tokens"] != a[0]["tokens"]
+
+
+@pytest.mark.parametrize("layout,world", [({}, 1), ({"tp": 2, "pp": 2}, 4)])
+def test_rollout_logprobs_equal_training_forward(layout, world):
+    sampling = {"temperature": 1.0, "seed": 4}
+    results = run_ranks(generate_rank, world, layout, "llama", sampling, {"train_logprobs": True, "stop": [7]})
+    checked = 0
+    for r in results:
+        if r["train_logprobs"] is None:
+            continue
+        for x, y in zip(r["logprobs"], r["train_logprobs"]):
+            assert len(x) == len(y) > 0
+            assert max(abs(a - b) for a, b in zip(x, y)) <= 1e-5
+        checked += 1
+    assert checked == layout.get("tp", 1)
+
+
+def test_slots_are_refilled_and_stops_are_per_sequence():
+    # 7 prompts in microbatches of 2 through 3 slots on PP2: slots must be refilled; a stop token ends one sequence
+    (r, _) = run_ranks(generate_rank, 2, {"pp": 2}, "llama", GREEDY, {"num_slots": 3, "max_new_tokens": 12})
+    (ref,) = run_ranks(generate_rank, 1, {}, "llama", GREEDY, {"max_new_tokens": 12})
+    assert r["tokens"] == ref["tokens"]
+    stop = ref["tokens"][1][4]  # the 5th token of prompt 1 becomes a stop token
+    (s,) = run_ranks(generate_rank, 1, {}, "llama", GREEDY, {"max_new_tokens": 12, "stop": [stop]})
+    first = ref["tokens"][1].index(stop)
+    assert s["tokens"][1] == ref["tokens"][1][: first + 1] and s["reasons"][1] == "eos"
+    for i, toks in enumerate(ref["tokens"]):  # sequences without that token are untouched
+        if stop not in toks:
+            assert s["tokens"][i] == toks and s["reasons"][i] == "length"
