@@ -19,6 +19,12 @@ def _parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="supervised fine-tuning")
     sft.add_argument("--config", help="YAML run file (configs/sft_tiny.yaml)")
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4 parallel.tp=2")
+    gen = sub.add_parser("generate", help="generate with an actor checkpoint, write jsonl")
+    gen.add_argument("--checkpoint", help="checkpoint directory (a save_dir or one step_N); its config is the base")
+    gen.add_argument("--prompts", required=True, help="prompt file ({prompt} or {messages} per record)")
+    gen.add_argument("--out", required=True, help="output jsonl")
+    gen.add_argument("--config", help="YAML run file (used when the checkpoint has no config)")
+    gen.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generation.temperature=0 parallel.tp=2")
     tok = sub.add_parser("tokenizer", help="tokenizer utilities")
     tok_sub = tok.add_subparsers(dest="action", required=True)
     train = tok_sub.add_parser("train", help="train a sentencepiece model from text files")
@@ -28,7 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_known_warnings() -> None:
+    """Without TE/apex (CPU) megatron warns at import; torch.distributed.checkpoint warns about its own API."""
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="(torch.distributed.checkpoint|megatron)")
+
+
 def _run(args: argparse.Namespace) -> int:
+    _quiet_known_warnings()
     if args.command == "tokenizer":
         from mrlhf.data.tokenizer import train_sentencepiece
 
@@ -36,8 +50,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from mrlhf.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # config errors surface before any distributed work
-    warnings.filterwarnings("ignore", module="megatron")
+    if args.command == "generate" and args.checkpoint and not args.config:
+        cfg = _config_from_checkpoint(args.checkpoint, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)  # config errors surface before any distributed work
     from mrlhf.parallel.state import destroy_distributed, init_distributed
 
     ctx = init_distributed(cfg)
@@ -46,9 +62,25 @@ def _run(args: argparse.Namespace) -> int:
             from mrlhf.trainers.sft import train_sft
 
             train_sft(cfg, ctx)
+        elif args.command == "generate":
+            from mrlhf.generation.run import run_generate
+
+            run_generate(cfg, ctx, args.checkpoint, args.prompts, args.out)
     finally:
         destroy_distributed()
     return 0
+
+
+def _config_from_checkpoint(path: str, overrides: list[str]):
+    """The checkpoint's own config with the run's layout reset to one process, then the user's overrides."""
+    from mrlhf.checkpoint import latest_checkpoint, read_meta
+    from mrlhf.config import apply_overrides, config_from_dict
+
+    meta = read_meta(latest_checkpoint(path) or path)
+    data = meta["config"]
+    data["parallel"] = {}
+    data["checkpoint"] = {}
+    return config_from_dict(apply_overrides(data, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:

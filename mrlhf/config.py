@@ -267,6 +267,48 @@ class TrainingConfig:
 
 
 @dataclass
+class GenerationSection:
+    """Sampling for rollouts, evaluation and `mrlhf generate`."""
+
+    max_new_tokens: int = 32
+    """Most tokens generated per prompt."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 is greedy."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    seed: int = 0
+    """Seed of the sampling noise (a sample depends only on seed, prompt index and step)."""
+    micro_batch_size: int = 8
+    """Prompts per in-flight microbatch."""
+    num_slots: int | None = None
+    """Microbatches in flight; None means pp (every stage busy)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Extra strings that end a sequence (eos always does)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.micro_batch_size < 1:
+            raise ConfigError("generation.max_new_tokens and generation.micro_batch_size must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("generation: need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+
+    def to_engine(self, eos_id: int):
+        """The engine's GenerationConfig."""
+        from mrlhf.generation.generate import GenerationConfig
+        from mrlhf.generation.sampling import SamplingParams
+
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            sampling=SamplingParams(self.temperature, self.top_k, self.top_p, self.seed),
+            stop_token_ids=(eos_id,),
+            stop_strings=tuple(self.stop_strings),
+            micro_batch_size=self.micro_batch_size,
+            num_slots=self.num_slots,
+        )
+
+
+@dataclass
 class CheckpointConfig:
     """Saving, retention and resuming."""
 
@@ -314,6 +356,8 @@ class RunConfig:
     """Input data and tokenizer."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Batch sizes, steps, precision."""
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    """Sampling settings."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and resume."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -173,7 +173,7 @@ class Generator:
             batch["starts"] = (~batch["attention_mask"]).sum(-1).cpu()
             batch["dummy"] = torch.zeros((batch["tokens"].shape[0], 1), dtype=torch.long, device=self.device)
             mbs.append(batch)
-        num_slots = max(self.pp, g.num_slots or self.pp)
+        num_slots = g.num_slots or self.pp  # fewer than pp is allowed (the naive schedule, for benchmarks)
         width = max((m["tokens"].shape[1] for m in mbs), default=1)
         cache = KVCache(
             len(self.gpt.decoder.layers), num_slots, min(mb_size, max(len(prompts), 1)), width + g.max_new_tokens,

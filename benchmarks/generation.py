@@ -1,0 +1,178 @@
+"""Generation benchmarks, each a comparison in one run (CPU by default; CUDA when available and --device cuda).
+
+(a) incremental decoding over the KV cache vs full recompute (no cache), tokens/s at several lengths;
+(b) mrlhf vs HF transformers ``generate`` (KV cache on) on the same weights, greedy, batch 16, prompt 32;
+(c) pipeline busy fraction per stage at PP=2 and PP=4 on gloo: interleaved slots (S = PP) vs one microbatch
+    walking the pipeline (S = 1).
+
+    .venv/bin/python benchmarks/generation.py [--parts a b c] [--quick]
+
+Model: GPT-2 shaped, 4 layers, hidden 256, 4 heads, vocab 8000, random weights (speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+warnings.filterwarnings("ignore")
+
+MODEL = [
+    "model.flavour=gpt2", "model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4",
+    "model.max_position_embeddings=1024", "data.max_seq_len=1024", "data.max_prompt_len=64",
+]  # fmt: skip
+VOCAB = 8000
+
+
+def build(overrides: list[str]):
+    import torch
+
+    from mrlhf.config import load_config
+    from mrlhf.models.roles import build_role
+    from mrlhf.parallel.state import init_distributed
+
+    cfg = load_config(None, MODEL + overrides)
+    ctx = init_distributed(cfg)
+    model = build_role(cfg, "actor", VOCAB, seed=1).to(ctx.device).eval()
+    torch.manual_seed(0)
+    return cfg, ctx, model
+
+
+def prompts(batch: int, length: int = 32) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(4, VOCAB, (batch, length), generator=g).tolist()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def part_a(lengths: list[int], batch: int) -> None:
+    from mrlhf.generation.generate import GenerationConfig, Generator, generate_full_recompute
+    from mrlhf.generation.sampling import SamplingParams
+
+    cfg, ctx, model = build([])
+    print(f"\n(a) incremental (KV cache) vs full recompute, greedy, batch {batch}, prompt 32")
+    print(f"{'new tokens':>10} {'cache tok/s':>12} {'recompute tok/s':>16} {'speed-up':>9} {'same tokens':>12}")
+    for n in lengths:
+        gen = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch)
+        ps = prompts(batch)
+        fast, t_fast = timed(lambda: Generator(model, gen, pad_id=0).generate(ps))
+        slow, t_slow = timed(lambda: generate_full_recompute(model, ps, gen, pad_id=0))
+        toks = batch * n
+        print(f"{n:>10} {toks / t_fast:>12.0f} {toks / t_slow:>16.0f} {t_slow / t_fast:>8.1f}x {str(fast.tokens == slow.tokens):>12}")
+
+
+def part_b(lengths: list[int], batch: int) -> None:
+    import torch
+    import transformers
+
+    from mrlhf.convert.hf import full_state_dict, to_hf_gpt2
+    from mrlhf.generation.generate import GenerationConfig, Generator
+    from mrlhf.generation.sampling import SamplingParams
+
+    cfg, ctx, model = build([])
+    config, sd = to_hf_gpt2(full_state_dict(model), cfg, VOCAB)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not [k for k in missing if "attn.bias" not in k and "masked_bias" not in k], missing
+    hf.eval()
+    ps = prompts(batch)
+    ids = torch.tensor(ps)
+    print(f"\n(b) mrlhf vs HF transformers {transformers.__version__} generate (use_cache=True), greedy, batch {batch}, prompt 32")
+    print(f"{'new tokens':>10} {'mrlhf tok/s':>12} {'HF tok/s':>10} {'ratio':>7} {'same tokens':>12}")
+    for n in lengths:
+        gen = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch)
+        ours, t_ours = timed(lambda: Generator(model, gen, pad_id=0).generate(ps))
+        with torch.no_grad():
+            theirs, t_hf = timed(
+                lambda: hf.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                    use_cache=True, pad_token_id=0, eos_token_id=None,
+                )  # fmt: skip
+            )
+        same = theirs[:, 32:].tolist() == ours.tokens
+        toks = batch * n
+        print(f"{n:>10} {toks / t_ours:>12.0f} {toks / t_hf:>10.0f} {t_hf / t_ours:>6.2f}x {str(same):>12}")
+
+
+def worker_c(out: str, slots: int, new_tokens: int, batch: int, n_prompts: int) -> None:
+    """One rank of part (c), launched by torchrun."""
+    import torch
+
+    from mrlhf.generation.generate import GenerationConfig, Generator
+    from mrlhf.generation.sampling import SamplingParams
+
+    pp = int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    cfg, ctx, model = build([f"parallel.pp={pp}"])
+    gen = GenerationConfig(max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch,
+                           num_slots=slots)  # fmt: skip
+    result = Generator(model, gen, pad_id=0).generate(prompts(n_prompts))
+    if ctx.rank == 0:
+        with open(out, "w") as f:
+            json.dump({"stats": result.stats, "tokens": result.tokens}, f)
+
+
+def part_c(pps: list[int], new_tokens: int) -> None:
+    print(f"\n(c) pipeline busy fraction per stage (gloo, 1 thread per rank), {new_tokens} new tokens, batch 4 x 8 prompts")
+    print(f"{'PP':>3} {'schedule':>12} {'tok/s':>8} {'stage busy fractions':>30} {'mean':>6}")
+    for pp in pps:
+        rows = {}
+        for name, slots in (("interleaved", pp), ("naive", 1)):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "r.json")
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pp}",
+                       __file__, "--worker-c", out, str(slots), str(new_tokens)]  # fmt: skip
+                subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                with open(out) as f:
+                    r = json.load(f)
+            st = r["stats"]
+            frac = st["stage_busy_fraction"]
+            rows[name] = r["tokens"]
+            toks = sum(len(t) for t in r["tokens"])
+            print(f"{pp:>3} {name:>12} {toks / st['wall_s']:>8.0f} {' '.join(f'{x:.2f}' for x in frac):>30} "
+                  f"{sum(frac) / len(frac):>6.2f}")  # fmt: skip
+        assert rows["interleaved"] == rows["naive"], "both schedules must generate the same tokens"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["a", "b", "c"])
+    ap.add_argument("--quick", action="store_true", help="shorter lengths (smoke run)")
+    ap.add_argument("--worker-c", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker_c:
+        out, slots, n = args.worker_c
+        worker_c(out, int(slots), int(n), batch=4, n_prompts=8)
+        return
+    import torch
+
+    from mrlhf.ops.kv_ops import describe_backend
+
+    print(f"# generation benchmark  {time.strftime('%Y-%m-%d')}  {platform.machine()}  cores={os.cpu_count()}  "
+          f"torch {torch.__version__} threads={torch.get_num_threads()}  kv ops: {describe_backend()}")  # fmt: skip
+    if "a" in args.parts:
+        part_a([16, 32] if args.quick else [128, 256, 512], batch=2)
+    if "b" in args.parts:
+        part_b([16] if args.quick else [64, 256], batch=16)
+    if "c" in args.parts:
+        part_c([2] if args.quick else [2, 4], new_tokens=8 if args.quick else 32)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+// mrlhf._C: KV-cache operators for rollout decoding. Schemas and CPU kernels.
+//
+//   kv_append        writes T new tokens per sequence into a preallocated [B, L, G, D] cache at
+//                    slot positions[b] + t, rotating keys with RoPE on the way in.
+//   decode_attention one query token per sequence attends over cache slots [starts[b], lengths[b]),
+//                    flash-decoding style: split the slots into chunks, softmax each chunk, merge.
+//
+// mrlhf/ops/reference.py is the pure-torch twin that defines the semantics; the tests compare against it.
+// CUDA kernels live in kv_cache_cuda.cu (torch-free) and are registered by kv_cache_cuda_binding.cpp.
+// Only ATen + torch/library.h are included (no torch/extension.h / pybind11): the ops are reached through
+// torch.ops.mrlhf, so the Python module itself is an empty stub (PyInit__C at the bottom).
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace mrlhf {
+
+// ---------------------------------------------------------------------------------------------------------
+// Argument checks, shared with the CUDA binding (declared again there) so both backends reject the same inputs.
+// ---------------------------------------------------------------------------------------------------------
+
+static void check_float_type(const at::Tensor& t, const char* op) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+              ": expected float32, bfloat16 or float16 tensors, got ", st);
+}
+
+static void check_rope_tables(const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                              at::IntArrayRef shape, const at::Tensor& like, const char* op) {
+  TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": pass both cos and sin, or neither");
+  if (!cos.has_value()) return;
+  for (const at::Tensor* t : {&*cos, &*sin}) {
+    TORCH_CHECK(t->sizes() == shape, op, ": cos/sin must have shape ", shape, ", got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == like.scalar_type(), op, ": cos/sin dtype ", t->scalar_type(),
+                " differs from ", like.scalar_type());
+    TORCH_CHECK(t->device() == like.device(), op, ": cos/sin are on ", t->device(), ", expected ", like.device());
+    TORCH_CHECK(t->is_contiguous(), op, ": cos/sin must be contiguous");
+  }
+  TORCH_CHECK(shape.back() % 2 == 0, op, ": RoPE needs an even head dim, got ", shape.back());
+}
+
+static void check_index_vector(const at::Tensor& t, int64_t B, const at::Tensor& like, const char* what,
+                               const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": ", what, " must have shape [", B, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", what, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", what, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
+}
+
+static void check_same(const at::Tensor& t, const at::Tensor& like, const char* what, const char* op) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", what, " dtype ", t.scalar_type(), " differs from ",
+              like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", what, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
+}
+
+void check_kv_append_args(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                          const at::Tensor& v_new, const at::Tensor& positions, const std::optional<at::Tensor>& cos,
+                          const std::optional<at::Tensor>& sin) {
+  const char* op = "kv_append";
+  TORCH_CHECK(k_cache.dim() == 4, op, ": k_cache must be [B, L, G, D], got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache ", v_cache.sizes(), " != k_cache ", k_cache.sizes());
+  TORCH_CHECK(k_new.dim() == 4 && k_new.size(0) == k_cache.size(0) && k_new.size(2) == k_cache.size(2) &&
+                  k_new.size(3) == k_cache.size(3),
+              op, ": k_new must be [B, T, G, D] matching k_cache ", k_cache.sizes(), ", got ", k_new.sizes());
+  TORCH_CHECK(v_new.sizes() == k_new.sizes(), op, ": v_new ", v_new.sizes(), " != k_new ", k_new.sizes());
+  check_float_type(k_cache, op);
+  TORCH_CHECK(k_cache.is_contiguous(), op, ": k_cache must be contiguous");
+  check_same(v_cache, k_cache, "v_cache", op);
+  check_same(k_new, k_cache, "k_new", op);
+  check_same(v_new, k_cache, "v_new", op);
+  check_index_vector(positions, k_cache.size(0), k_cache, "positions", op);
+  check_rope_tables(cos, sin, {k_new.size(0), k_new.size(1), k_new.size(3)}, k_cache, op);
+}
+
+void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& starts, const at::Tensor& lengths, const std::optional<at::Tensor>& cos,
+                       const std::optional<at::Tensor>& sin) {
+  const char* op = "decode_attention";
+  TORCH_CHECK(q.dim() == 3, op, ": q must be [B, H, D], got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == q.size(0) && k_cache.size(3) == q.size(2), op,
+              ": k_cache must be [B, L, G, D] matching q ", q.sizes(), ", got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache ", v_cache.sizes(), " != k_cache ", k_cache.sizes());
+  TORCH_CHECK(k_cache.size(2) > 0 && q.size(1) % k_cache.size(2) == 0, op, ": query heads (", q.size(1),
+              ") must be a multiple of kv heads (", k_cache.size(2), ")");
+  check_float_type(q, op);
+  TORCH_CHECK(q.is_contiguous(), op, ": q must be contiguous");
+  check_same(k_cache, q, "k_cache", op);
+  check_same(v_cache, q, "v_cache", op);
+  check_index_vector(starts, q.size(0), q, "starts", op);
+  check_index_vector(lengths, q.size(0), q, "lengths", op);
+  check_rope_tables(cos, sin, {q.size(0), q.size(2)}, q, op);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Small helpers. All math is fp32; bf16/fp16 are converted on load and rounded once on store.
+// ---------------------------------------------------------------------------------------------------------
+
+// Element d of k*cos + rotate_half(k)*sin, rotate_half(x) = cat(-x[D/2:], x[:D/2]) (megatron's non-interleaved
+// RoPE). Written as mul, mul, add (no FMA: -std=c++17 keeps GCC from contracting) so fp32 results are bit-equal
+// to the torch reference and bf16 rounds identically.
+template <typename scalar_t>
+static inline float rope_at(const scalar_t* x, const scalar_t* cos, const scalar_t* sin, int64_t d, int64_t D) {
+  const int64_t half = D / 2;
+  const float partner = d < half ? -static_cast<float>(x[d + half]) : static_cast<float>(x[d - half]);
+  const float a = static_cast<float>(x[d]) * static_cast<float>(cos[d]);
+  const float b = partner * static_cast<float>(sin[d]);
+  return a + b;
+}
+
+// fp32 view of a row: the row itself for float, else a converted copy in buf.
+template <typename scalar_t>
+static inline const float* as_float(const scalar_t* row, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[i]);
+    return buf;
+  }
+}
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+  // 8 independent partial sums: lets the compiler keep them in vector registers without reassociating.
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
+  }
+  float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// kv_append
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+static void kv_append_kernel(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k_new,
+                             const at::Tensor& v_new, const int64_t* pos, const std::optional<at::Tensor>& cos,
+                             const std::optional<at::Tensor>& sin) {
+  const int64_t L = k_cache.size(1), G = k_cache.size(2), D = k_cache.size(3);
+  const int64_t B = k_new.size(0), T = k_new.size(1), row = G * D;  // row = one token's [G, D]
+  scalar_t* kc = k_cache.data_ptr<scalar_t>();
+  scalar_t* vc = v_cache.data_ptr<scalar_t>();
+  const scalar_t* kn = k_new.const_data_ptr<scalar_t>();
+  const scalar_t* vn = v_new.const_data_ptr<scalar_t>();
+  const scalar_t* cs = cos ? cos->const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sn = sin ? sin->const_data_ptr<scalar_t>() : nullptr;
+
+  // One task per new token (b, t): its [G, D] block lands contiguously at slot pos[b] + t.
+  at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      const int64_t dst = (b * L + pos[b] + t) * row;
+      std::memcpy(vc + dst, vn + bt * row, row * sizeof(scalar_t));
+      if (cs == nullptr) {
+        std::memcpy(kc + dst, kn + bt * row, row * sizeof(scalar_t));
+        continue;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const scalar_t* src = kn + bt * row + g * D;
+        for (int64_t d = 0; d < D; ++d) kc[dst + g * D + d] = scalar_t(rope_at(src, cs + bt * D, sn + bt * D, d, D));
+      }
+    }
+  });
+}
+
+void kv_append_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_new, const at::Tensor& v_new,
+                   const at::Tensor& positions, const std::optional<at::Tensor>& cos,
+                   const std::optional<at::Tensor>& sin) {
+  check_kv_append_args(k_cache, v_cache, k_new, v_new, positions, cos, sin);
+  const int64_t L = k_cache.size(1), T = k_new.size(1);
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  // Writing past the cache would corrupt the neighbouring sequence, so this is an error, not a clamp.
+  for (int64_t b = 0; b < positions.size(0); ++b) {
+    TORCH_CHECK(pos[b] >= 0 && pos[b] + T <= L, "kv_append: sequence ", b, " writes slots [", pos[b], ", ",
+                pos[b] + T, ") but the cache holds slots [0, ", L, ")");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "kv_append_cpu", [&] {
+    kv_append_kernel<scalar_t>(k_cache, v_cache, k_new, v_new, pos, cos, sin);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// decode_attention (flash-decoding split-K)
+// ---------------------------------------------------------------------------------------------------------
+
+// Auto split count: enough (b, split) tasks to feed every thread, but at least ~128 slots per split so the
+// extra partials and the merge stay cheap. Any count gives the same result up to rounding.
+static int64_t auto_splits(int64_t B, int64_t max_len) {
+  const int64_t tasks = std::max<int64_t>(B, 1);
+  const int64_t want = (2 * at::get_num_threads() + tasks - 1) / tasks;
+  return std::clamp<int64_t>(std::min(want, max_len / 128), 1, 64);
+}
+
+template <typename scalar_t>
+static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const std::vector<int64_t>& lo, const std::vector<int64_t>& hi,
+                          const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin, float scale,
+                          int64_t S, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t L = k_cache.size(1), G = k_cache.size(2), R = H / G;  // R query heads share one kv head
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kc = k_cache.const_data_ptr<scalar_t>();
+  const scalar_t* vc = v_cache.const_data_ptr<scalar_t>();
+  const scalar_t* cs = cos ? cos->const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sn = sin ? sin->const_data_ptr<scalar_t>() : nullptr;
+
+  // Per-(b, h, split) partials: running max m, sum of exp l, unnormalised output acc [D].
+  auto fopts = q.options().dtype(at::kFloat);
+  at::Tensor ws_m = at::empty({B, H, S}, fopts), ws_l = at::empty({B, H, S}, fopts);
+  at::Tensor ws_acc = at::empty({B, H, S, D}, fopts);
+  float* pm = ws_m.data_ptr<float>();
+  float* pl = ws_l.data_ptr<float>();
+  float* pacc = ws_acc.data_ptr<float>();
+
+  // Phase 1: one task per (b, split), covering all heads. Slot j's keys for all kv heads form one contiguous
+  // [G, D] row, so walking slots and then kv heads reads the cache sequentially (a task per (b, g) would stride
+  // G * D elements between rows, which defeats the prefetcher). Each row is converted to fp32 once and used by
+  // the R query heads that share it.
+  at::parallel_for(0, B * S, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(H * D), kbuf(D), vbuf(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / S, s = task % S;
+      const int64_t chunk = (hi[b] - lo[b] + S - 1) / S;
+      const int64_t j0 = lo[b] + s * chunk, j1 = std::min(j0 + chunk, hi[b]);
+      float* m = pm + b * H * S + s;  // head h's entries are h * S (m, l) and h * S * D (acc) apart
+      float* l = pl + b * H * S + s;
+      float* acc0 = pacc + (b * H * S + s) * D;
+      for (int64_t h = 0; h < H; ++h) {  // q rows, rotated and pre-scaled; empty partials
+        const scalar_t* qrow = qp + (b * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const float x = cs ? rope_at(qrow, cs + b * D, sn + b * D, d, D) : static_cast<float>(qrow[d]);
+          qf[h * D + d] = x * scale;
+        }
+        m[h * S] = -std::numeric_limits<float>::infinity();
+        l[h * S] = 0.f;
+        std::fill_n(acc0 + h * S * D, D, 0.f);
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t off = ((b * L + j) * G + g) * D;
+          const float* kf = as_float(kc + off, kbuf.data(), D);
+          const float* vf = as_float(vc + off, vbuf.data(), D);
+          for (int64_t h = g * R; h < (g + 1) * R; ++h) {  // GQA: query heads g*R .. g*R+R-1 read kv head g
+            float* acc = acc0 + h * S * D;
+            const float score = dot(qf.data() + h * D, kf, D);
+            // Online softmax: rescale the running sums only when the max moves.
+            if (score > m[h * S]) {
+              const float alpha = std::exp(m[h * S] - score);  // exp(-inf) = 0 on the first slot
+              l[h * S] *= alpha;
+              for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+              m[h * S] = score;
+            }
+            const float p = std::exp(score - m[h * S]);
+            l[h * S] += p;
+            for (int64_t d = 0; d < D; ++d) acc[d] += p * vf[d];
+          }
+        }
+      }
+    }
+  });
+
+  // Phase 2: merge the splits of each (b, h) with the log-sum-exp rescale; empty ranges (all m = -inf) give 0.
+  scalar_t* op = out.data_ptr<scalar_t>();
+  at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(S), num(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const float* m = pm + bh * S;
+      const float* l = pl + bh * S;
+      const float mx = *std::max_element(m, m + S);
+      std::fill(num.begin(), num.end(), 0.f);
+      float denom = 0.f;
+      if (mx != -std::numeric_limits<float>::infinity()) {
+        for (int64_t s = 0; s < S; ++s) {
+          w[s] = std::exp(m[s] - mx);
+          denom += w[s] * l[s];
+          const float* acc = pacc + (bh * S + s) * D;
+          for (int64_t d = 0; d < D; ++d) num[d] += w[s] * acc[d];
+        }
+      }
+      const float inv = denom > 0.f ? 1.f / denom : 0.f;
+      for (int64_t d = 0; d < D; ++d) op[bh * D + d] = scalar_t(num[d] * inv);
+    }
+  });
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& starts, const at::Tensor& lengths,
+                                const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                                double scale, int64_t num_splits) {
+  check_decode_args(q, k_cache, v_cache, starts, lengths, cos, sin);
+  const int64_t B = q.size(0), L = k_cache.size(1);
+  // Slot ranges are clamped to the cache (like the CUDA kernel, which cannot raise without a host sync).
+  std::vector<int64_t> lo(B), hi(B);
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    lo[b] = std::clamp<int64_t>(starts.const_data_ptr<int64_t>()[b], 0, L);
+    hi[b] = std::max(lo[b], std::clamp<int64_t>(lengths.const_data_ptr<int64_t>()[b], 0, L));
+    max_len = std::max(max_len, hi[b] - lo[b]);
+  }
+  int64_t S = num_splits > 0 ? num_splits : auto_splits(B, max_len);
+  S = std::clamp<int64_t>(S, 1, std::max<int64_t>(L, 1));  // more splits than slots only adds empty partials
+  at::Tensor out = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention_cpu", [&] {
+    decode_kernel<scalar_t>(q, k_cache, v_cache, lo, hi, cos, sin, static_cast<float>(scale), S, out);
+  });
+  return out;
+}
+
+}  // namespace mrlhf
+
+// Schemas. (a!)/(b!) mark the caches as mutated in place, which torch.compile/functionalization rely on.
+TORCH_LIBRARY(mrlhf, m) {
+  m.def(
+      "kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor positions, "
+      "Tensor? cos, Tensor? sin) -> ()");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor starts, Tensor lengths, Tensor? cos, "
+      "Tensor? sin, float scale, int num_splits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mrlhf, CPU, m) {
+  m.impl("kv_append", &mrlhf::kv_append_cpu);
+  m.impl("decode_attention", &mrlhf::decode_attention_cpu);
+}
+
+// `import mrlhf._C` only needs to run the static registrations above; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "mrlhf custom ops (torch.ops.mrlhf)", -1,
+                                          nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}

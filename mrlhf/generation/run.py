@@ -1,0 +1,63 @@
+"""`mrlhf generate`: load an actor from a checkpoint (any layout), generate for a prompt file, write jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from mrlhf import checkpoint as ckpt
+from mrlhf.config import RunConfig
+from mrlhf.data.datasets import TokenizeOptions, load_tokenized
+from mrlhf.data.formats import read_dataset
+from mrlhf.data.templates import get_template
+from mrlhf.data.tokenizer import Tokenizer
+from mrlhf.generation.generate import GenerationOutput, Generator
+from mrlhf.models.roles import build_role
+from mrlhf.parallel.state import ParallelContext
+
+
+def load_actor(cfg: RunConfig, ctx: ParallelContext, checkpoint: str | None, tokenizer: Tokenizer):
+    model = build_role(cfg, "actor", cfg.model.vocab_size or tokenizer.vocab_size).to(ctx.device)
+    if checkpoint:
+        path = ckpt.latest_checkpoint(checkpoint) or checkpoint
+        ckpt.load_model(path, "actor", model)
+    model.eval()
+    return model
+
+
+def generate_texts(model, cfg: RunConfig, tokenizer: Tokenizer, prompts: list[list[int]]) -> GenerationOutput:
+    engine = Generator(model, cfg.generation.to_engine(tokenizer.eos_id), tokenizer.pad_id, tokenizer.decode)
+    return engine.generate(prompts)
+
+
+def strip_stop(tokens: list[int], eos_id: int) -> list[int]:
+    return tokens[:-1] if tokens and tokens[-1] == eos_id else tokens
+
+
+def run_generate(cfg: RunConfig, ctx: ParallelContext, checkpoint: str | None, prompts_path: str, out_path: str) -> int:
+    tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
+    options = TokenizeOptions(
+        template=cfg.data.template, max_seq_len=cfg.data.max_seq_len, max_prompt_len=cfg.data.max_prompt_len,
+        length_policy=cfg.data.length_policy,
+    )  # fmt: skip
+    dataset = load_tokenized(prompts_path, "prompt", tokenizer, options, None)
+    prompts = [dataset[i] for i in range(len(dataset))]
+    texts = [get_template(cfg.data.template).render_prompt(list(s.prompt)) for s in read_dataset(prompts_path, "prompt").samples]
+    model = load_actor(cfg, ctx, checkpoint, tokenizer)
+    out = generate_texts(model, cfg, tokenizer, prompts)
+    if ctx.is_main:
+        tmp = f"{out_path}.tmp"
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i, toks in enumerate(out.tokens):
+                record = {
+                    "prompt": texts[i] if len(texts) == len(prompts) else None,
+                    "response": tokenizer.decode(strip_stop(toks, tokenizer.eos_id)),
+                    "tokens": toks,
+                    "logprobs": out.logprobs[i],
+                    "finish_reason": out.finish_reasons[i],
+                }
+                f.write(json.dumps(record) + "\n")
+        os.replace(tmp, out_path)
+        print(f"[mrlhf] wrote {len(prompts)} generations to {out_path} ({out.stats['wall_s']:.2f} s)")
+    return len(prompts)

@@ -1,0 +1,108 @@
+"""KV-cache ops for rollout decoding, and the one place that picks their implementation (STYLE 3 and 9).
+
+``kv_append`` writes new keys/values into a preallocated cache by position (RoPE on keys on the way in);
+``decode_attention`` attends one new query token per sequence over its cache slots (flash-decoding split-K).
+Each call goes to the compiled ``torch.ops.mrlhf.*`` operator when ``mrlhf._C`` is built and has a kernel for the
+tensors' device, otherwise to the pure-torch twin in ``mrlhf/ops/reference.py``.
+
+Environment: ``MRLHF_DISABLE_EXT=1`` forces the torch reference everywhere (read once, at import).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mrlhf.ops import reference
+
+DISABLE_ENV = "MRLHF_DISABLE_EXT"
+
+
+def _load_extension() -> tuple[frozenset[str], str]:
+    """(device types with compiled kernels, why the reference is used where it is)."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return frozenset(), f"{DISABLE_ENV}=1"
+    try:
+        import mrlhf._C  # noqa: F401  registers torch.ops.mrlhf; torch is imported first (it links libtorch)
+    except ImportError as exc:
+        return frozenset(), f"mrlhf._C not built ({exc})"
+    devices = {"cpu", "meta"}  # meta: the fake impls below
+    if torch._C._dispatch_has_kernel_for_dispatch_key("mrlhf::decode_attention", "CUDA"):
+        devices.add("cuda")
+    return frozenset(devices), ""
+
+
+EXT_DEVICES, _REFERENCE_REASON = _load_extension()
+"""Device types (``tensor.device.type``) served by the compiled operators; empty when the extension is off."""
+
+if not EXT_DEVICES:
+    BACKEND = "torch reference"
+elif "cuda" in EXT_DEVICES:
+    BACKEND = "mrlhf._C (cpu+cuda)"
+else:
+    BACKEND = "mrlhf._C (cpu)"
+
+
+def describe_backend() -> str:
+    """One line for logs: which implementation runs the KV-cache ops, and why."""
+    if not EXT_DEVICES:
+        return f"KV-cache ops: torch reference ({_REFERENCE_REASON})"
+    compiled = ", ".join(sorted(EXT_DEVICES - {"meta"}))
+    return f"KV-cache ops: {BACKEND}, compiled kernels for {compiled}; other devices use the torch reference"
+
+
+if EXT_DEVICES:
+    # Fake (meta) impls: output shapes for torch.compile / FakeTensor without running a kernel.
+    @torch.library.register_fake("mrlhf::kv_append")
+    def _kv_append_fake(k_cache, v_cache, k_new, v_new, positions, cos, sin) -> None:
+        torch._check(k_new.shape == v_new.shape, lambda: "kv_append: k_new and v_new shapes differ")
+
+    @torch.library.register_fake("mrlhf::decode_attention")
+    def _decode_attention_fake(q, k_cache, v_cache, starts, lengths, cos, sin, scale, num_splits) -> torch.Tensor:
+        torch._check(q.dim() == 3, lambda: f"decode_attention: q must be [B, H, D], got {tuple(q.shape)}")
+        return torch.empty_like(q)
+
+
+def kv_append(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+) -> None:
+    """Write k_new/v_new [B, T, G, D] into k_cache/v_cache [B, L, G, D] at slots positions[b] + t, in place.
+
+    positions is int64 [B] (ragged per sequence). With cos/sin [B, T, D] the keys are rotated (megatron's
+    rotate-half RoPE) before they are stored; values never are. Raises if positions[b] + T > L.
+    """
+    if k_cache.device.type in EXT_DEVICES:
+        torch.ops.mrlhf.kv_append(k_cache, v_cache, k_new, v_new, positions, cos, sin)
+    else:
+        reference.kv_append(k_cache, v_cache, k_new, v_new, positions, cos, sin)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    scale: float | None = None,
+    num_splits: int = 0,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over its cache: q [B, H, D] -> [B, H, D] in q's dtype.
+
+    Sequence b attends over slots [starts[b], lengths[b]) (starts skip left padding; lengths include the token
+    just appended); an empty range gives zeros. GQA: query head h reads kv head h // (H // G). cos/sin [B, D]
+    rotate q first. scale defaults to 1/sqrt(D). num_splits > 1 splits the slots into chunks merged by
+    log-sum-exp (flash-decoding); <= 0 lets the kernel choose. The result does not depend on it beyond rounding.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.device.type in EXT_DEVICES:
+        return torch.ops.mrlhf.decode_attention(q, k_cache, v_cache, starts, lengths, cos, sin, scale, num_splits)
+    return reference.decode_attention(q, k_cache, v_cache, starts, lengths, cos, sin, scale, num_splits)
