@@ -121,36 +121,35 @@ class Generator:
 
     # -- the ring -------------------------------------------------------------------------------------------------
 
-    def _exchange(self, header: torch.Tensor | None, payload: torch.Tensor | None, recv: bool, mbs: list[dict]):
-        """Send (header, payload) to the next stage of the ring and, if ``recv``, receive the previous stage's.
+    # -- the ring: asynchronous sends, blocking receives, FIFO per link -------------------------------------------
 
-        A stage that has stopped neither sends nor receives again, so the last messages are one-sided.
-        """
+    def _send(self, header: torch.Tensor, payload: torch.Tensor | None) -> None:
+        """Post (header, payload) to the next stage; wait for this stage's previous sends first (buffer lifetime)."""
         if self.pp == 1:
-            return header, payload
-        group = ps.get_pipeline_model_parallel_group()
+            self._loop.append((header, payload))
+            return
+        for work in self._pending_sends:
+            work.wait()
         nxt = ps.get_pipeline_model_parallel_next_rank()
-        prv = ps.get_pipeline_model_parallel_prev_rank()
-
-        def run(ops):
-            if ops:
-                for r in dist.batch_isend_irecv(ops):
-                    r.wait()
-
-        got = torch.empty(8, dtype=torch.long) if recv else None
-        ops = [] if header is None else [dist.P2POp(dist.isend, header, nxt, group)]
-        if recv:
-            ops.append(dist.P2POp(dist.irecv, got, prv, group))
-        run(ops)
-        ops, buf = [], None
+        group = ps.get_pipeline_model_parallel_group()
+        self._pending_sends = [dist.isend(header, nxt, group=group)]
         if payload is not None:
-            ops.append(dist.P2POp(dist.isend, payload.contiguous(), nxt, group))
-        spec = self._payload_spec(got) if recv else None
-        if spec is not None:
-            buf = torch.empty(spec[0], dtype=spec[1], device=self.device)
-            ops.append(dist.P2POp(dist.irecv, buf, prv, group))
-        run(ops)
-        return got, buf
+            self._pending_sends.append(dist.isend(payload.contiguous(), nxt, group=group))
+
+    def _recv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The previous stage's next message (blocks until it arrives)."""
+        if self.pp == 1:
+            return self._loop.pop(0)
+        prv = ps.get_pipeline_model_parallel_prev_rank()
+        group = ps.get_pipeline_model_parallel_group()
+        header = torch.empty(8, dtype=torch.long)
+        dist.irecv(header, prv, group=group).wait()
+        spec = self._payload_spec(header)
+        if spec is None:
+            return header, None
+        buf = torch.empty(spec[0], dtype=spec[1], device=self.device)
+        dist.irecv(buf, prv, group=group).wait()
+        return header, buf
 
     def _payload_spec(self, header: torch.Tensor):
         kind, _, mb, _, b, t = (int(x) for x in header[:6])
@@ -189,17 +188,16 @@ class Generator:
         slots: list[_Slot | None] = [None] * num_slots
         pending: dict[int, torch.Tensor] = {}  # first stage: slot -> next input tokens
         waiting = deque(range(len(mbs)))
-        recv_header = torch.tensor([IDLE, 0, 0, 0, 0, 0, 0, 0], dtype=torch.long)
-        recv_payload = None
+        self._loop, self._pending_sends = [], []
         tick, stop_sent, busy_time = 0, False, 0.0
         t0 = time.perf_counter()
         while True:
-            # 1. what this stage works on at this tick
+            # 1. what this stage works on now: the first stage decides, the others take the next message
             inp = None
             if self.first:
                 header = None if stop_sent else self._decide(tick % num_slots, slots, pending, waiting, mbs)
             else:
-                header, inp = recv_header, recv_payload
+                header, inp = self._recv()
             kind = IDLE if header is None else int(header[0])
             # 2. compute
             out_payload = None
@@ -221,26 +219,31 @@ class Generator:
                 else:
                     out_payload = hidden
                 busy_time += time.perf_counter() - start
-            # 3. pass it on around the ring (a non-first stage forwarding STOP knows its predecessor has stopped)
-            forwarding_stop = kind == STOP and not self.first
-            recv_header, recv_payload = self._exchange(header, out_payload, not forwarding_stop, mbs)
-            if forwarding_stop:
-                break
-            if self.first:
-                stop_sent |= kind == STOP
-                rkind = int(recv_header[0])
+            # 3. pass it on; a non-first stage stops right after forwarding STOP
+            if header is not None:
+                self._send(header, out_payload)
+            if not self.first:
+                if kind == STOP:
+                    break
+                continue
+            stop_sent |= kind == STOP
+            # 4. first stage: once the ring is full, take back one message per tick (the new tokens of a slot)
+            if tick >= self.pp - 1 or stop_sent:
+                rheader, rpayload = self._recv()
+                rkind = int(rheader[0])
                 if rkind == STOP:
                     break
                 if rkind in (PREFILL, DECODE):
-                    rs = int(recv_header[1])
-                    toks, fin = recv_payload[0], recv_payload[1].bool()
-                    if bool(fin.all()):
+                    rs = int(rheader[1])
+                    if bool(rpayload[1].bool().all()):
                         slots[rs] = None
                         pending.pop(rs, None)
                     else:
-                        slots[rs].produced = int(recv_header[3]) + 1
-                        pending[rs] = toks
+                        slots[rs].produced = int(rheader[3]) + 1
+                        pending[rs] = rpayload[0]
             tick += 1
+        for work in self._pending_sends:
+            work.wait()
         wall = time.perf_counter() - t0
         cache.free()
         for t in (out_tokens, out_logprobs, out_len, out_reason):
@@ -278,24 +281,23 @@ class Generator:
         toks, lps = toks.cpu(), lps.cpu()
         j = sl.produced
         active = ~done[ids]
-        out_tokens[ids[active], j] = toks[active]
-        out_logprobs[ids[active], j] = lps[active]
-        for row, i in enumerate(ids.tolist()):
-            if done[i]:
-                continue
-            reason = None
-            if int(toks[row]) in self.gen.stop_token_ids:
-                reason = 1
-            elif self.gen.stop_strings:
-                text = self.decode_text(out_tokens[i, : j + 1].tolist())
-                if any(s in text for s in self.gen.stop_strings):
-                    reason = 2
-            if reason is None and j + 1 == self.gen.max_new_tokens:
-                reason = 0
-            if reason is not None:
-                done[i] = True
-                out_len[i] = j + 1
-                out_reason[i] = reason
+        rows = ids[active]
+        out_tokens[rows, j] = toks[active]
+        out_logprobs[rows, j] = lps[active]
+        reason = torch.full_like(toks, -1)
+        if self.gen.stop_token_ids:
+            reason[torch.isin(toks, torch.tensor(self.gen.stop_token_ids))] = 1
+        if self.gen.stop_strings:
+            for row in (active & (reason < 0)).nonzero().flatten().tolist():
+                text = self.decode_text(out_tokens[int(ids[row]), : j + 1].tolist())
+                if any(stop in text for stop in self.gen.stop_strings):
+                    reason[row] = 2
+        if j + 1 == self.gen.max_new_tokens:
+            reason[reason < 0] = 0
+        ending = active & (reason >= 0)
+        done[ids[ending]] = True
+        out_len[ids[ending]] = j + 1
+        out_reason[ids[ending]] = reason[ending]
         return torch.stack([toks, done[ids].long()]).to(self.device)
 
 

@@ -7,6 +7,8 @@ replicated across TP (their inputs are replicated, so their gradients agree acro
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
@@ -20,9 +22,13 @@ def vocab_parallel_logits(gpt, hidden: torch.Tensor) -> torch.Tensor:
     start = ps.get_tensor_model_parallel_rank() * per_rank
     real = gpt.real_vocab_size
     if start + per_rank > real:  # this slice holds padding columns
-        pad = torch.arange(start, start + per_rank, device=logits.device) >= real
-        logits = logits.masked_fill(pad, float("-inf"))
+        logits = logits.masked_fill(_pad_columns(start, per_rank, real, logits.device), float("-inf"))
     return logits
+
+
+@functools.cache
+def _pad_columns(start: int, per_rank: int, real: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + per_rank, device=device) >= real
 
 
 def token_logprobs(vp_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,10 @@ def generate_rank(rank: int, layout: dict[str, int], flavour: str, sampling: dic
         micro_batch_size=extra.get("micro_batch_size", 2),
         stop_token_ids=tuple(extra.get("stop", ())),
         num_slots=extra.get("num_slots"),
+        stop_strings=tuple(extra.get("stop_strings", ())),
     )
     ps_ = prompts(extra.get("n", 7))
-    out = Generator(model, gen, pad_id=0).generate(ps_)
+    out = Generator(model, gen, pad_id=0, decode_text=letters).generate(ps_)
     result = {"tokens": out.tokens, "logprobs": out.logprobs, "reasons": out.finish_reasons, "stats": out.stats}
     if extra.get("reference"):
         ref = generate_full_recompute(model, ps_, gen, pad_id=0)
@@ -39,6 +40,11 @@ def generate_rank(rank: int, layout: dict[str, int], flavour: str, sampling: dic
     if extra.get("train_logprobs"):
         result["train_logprobs"] = training_logprobs(model, cfg, ps_, out.tokens, gen.sampling.temperature or 1.0)
     return result
+
+
+def letters(ids: list[int]) -> str:
+    """A stand-in detokenizer for stop-string tests: one letter per id."""
+    return "".join(chr(65 + i % 26) for i in ids)
 
 
 def training_logprobs(model, cfg, prompts_, generated, temperature: float):

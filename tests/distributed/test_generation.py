@@ -4,7 +4,7 @@ reproducible and identical across TP ranks, rollout log-probs == training log-pr
 import pytest
 from harness import run_ranks
 
-from gen_runs import generate_rank
+from gen_runs import generate_rank, letters
 
 GREEDY = {"temperature": 0.0}
 SAMPLED = {"temperature": 1.0, "top_k": 50, "top_p": 0.95, "seed": 17}
@@ -77,3 +77,16 @@ def test_slots_are_refilled_and_stops_are_per_sequence():
     for i, toks in enumerate(ref["tokens"]):  # sequences without that token are untouched
         if stop not in toks:
             assert s["tokens"][i] == toks and s["reasons"][i] == "length"
+
+
+def test_stop_strings_end_a_sequence_where_the_text_first_contains_them():
+    (ref,) = run_ranks(generate_rank, 1, {}, "llama", GREEDY, {"max_new_tokens": 12})
+    target = letters(ref["tokens"][2][3:5])  # two letters that the greedy continuation of prompt 2 produces
+    (s,) = run_ranks(generate_rank, 1, {}, "llama", GREEDY, {"max_new_tokens": 12, "stop_strings": [target]})
+    for full, cut, reason in zip(ref["tokens"], s["tokens"], s["reasons"]):
+        text = letters(full)
+        if target in text:
+            end = next(j for j in range(1, len(full) + 1) if target in letters(full[:j]))
+            assert cut == full[:end] and reason == "stop_string"
+        else:
+            assert cut == full and reason == "length"
