@@ -12,7 +12,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mrlhf.data.sft import ROLES, read_sft_jsonl  # noqa: E402
+from mrlhf.data.formats import read_dataset  # noqa: E402
+from mrlhf.data.records import ROLES  # noqa: E402
+from mrlhf.data.templates import get_template  # noqa: E402
 from mrlhf.data.tokenizer import train_sentencepiece  # noqa: E402
 
 OUT_DIR = REPO / "mrlhf" / "assets" / "tiny"
@@ -69,8 +71,9 @@ def main() -> None:
     write_jsonl(eval_path, [make_line(rng, *p) for p in problems[NUM_TRAIN:]])
 
     # SentencePiece reads one sentence per line, so rendered prompts are split on their newlines.
-    records = read_sft_jsonl(str(train_path))
-    lines = [part for r in records for part in (r["prompt"] + r["response"]).split("\n") if part]
+    plain = get_template("plain")
+    samples = read_dataset(str(train_path), "sft").samples
+    lines = [part for r in samples for part in (plain.render_prompt(list(r.prompt)) + r.response).split("\n") if part]
     with tempfile.TemporaryDirectory() as tmp:
         text_path = Path(tmp) / "corpus.txt"
         text_path.write_text("\n".join(lines) + "\n", encoding="utf-8")

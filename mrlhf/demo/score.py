@@ -1,0 +1,46 @@
+"""Score a generations jsonl (from `mrlhf generate`) with the demo task's gold judge.
+
+    python -m mrlhf.demo.score runs/sft_demo/eval_generations.jsonl [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mrlhf.demo.judge import judge_batch
+from mrlhf.errors import DataError
+
+
+def score_file(path: str) -> dict[str, float]:
+    prompts, responses = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            record = json.loads(line)
+            if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
+                raise DataError(path, n, "prompt" if "prompt" not in record else "response", "missing or not a string")
+            prompts.append(record["prompt"])
+            responses.append(record["response"])
+    return judge_batch(prompts, responses)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("generations")
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = ap.parse_args(argv)
+    try:
+        result = score_file(args.generations)
+    except (DataError, ValueError) as e:
+        print(f"mrlhf.demo.score: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"judge score {result['mean']:.3f}  exact accuracy {result['accuracy']:.3f}  over {result['n']} prompts")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
