@@ -156,3 +156,97 @@ def maybe_save(
 def log_main(msg: str) -> None:
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f"[mrlhf {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop every supervised stage (SFT, RM, DPO) shares
+
+
+@dataclass
+class SupervisedStage:
+    """What differs between SFT, RM and DPO; :func:`run_supervised` does the rest.
+
+    ``microbatches(indices)`` builds this DP rank's microbatches from dataset indices; ``count(mbs)`` is the local
+    normaliser (tokens or pairs) that is summed over DP; ``loss_fn(total)`` returns the schedule's loss function,
+    whose stats (named by ``stat_keys``) are sums; ``summarize(sums, total)`` turns summed stats into logged metrics; ``evaluate()`` returns
+    eval metrics (or {}); ``before_step()`` runs per step before the schedule (e.g. reference log-probs).
+    """
+
+    name: str
+    model: torch.nn.Module
+    optimizer: Optimizer
+    train_size: int
+    stat_keys: tuple[str, ...]
+    microbatches: Any
+    count: Any
+    loss_fn: Any
+    summarize: Any
+    evaluate: Any = None
+    before_step: Any = None
+
+
+def dp_slice(indices: list[int]) -> list[int]:
+    """This DP rank's contiguous share of a global batch."""
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per = len(indices) // dp
+    return indices[rank * per : (rank + 1) * per]
+
+
+def run_supervised(
+    cfg: RunConfig,
+    ctx: ParallelContext,
+    stage: SupervisedStage,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, Optimizer],
+    state: TrainState,
+    tokenizer_hash: str,
+) -> dict[str, Any]:
+    """Train ``stage.model`` to ``training.train_steps``; returns per-step losses, grad norms and the last record."""
+    from mrlhf.data.datasets import global_batch_indices
+    from mrlhf.parallel.schedule import forward_backward
+    from mrlhf.testing_faults import maybe_fault
+
+    t = cfg.training
+    model, opt = stage.model, stage.optimizer
+    dtype = next(model.parameters()).dtype
+    metrics = MetricsWriter(cfg, ctx, t.train_steps, state.step)
+    log_main(
+        f"{stage.name}: {stage.train_size} samples, layout tp={ctx.layout.tp} pp={ctx.layout.pp} dp={ctx.layout.dp}, "
+        f"{sum(p.numel() for p in model.parameters())} params on rank 0, steps {state.step}->{t.train_steps}"
+    )
+    losses: list[float] = []
+    grad_norms: list[float] = []
+    record: dict[str, Any] = {}
+    model.train()
+    while state.step < t.train_steps:
+        start = time.perf_counter()
+        indices = global_batch_indices(stage.train_size, t.seed, state.consumed_samples, t.global_batch_size)
+        mbs = stage.microbatches(dp_slice(indices))
+        if stage.before_step is not None:
+            stage.before_step(mbs)
+        total = float(comm.all_reduce_dp(torch.tensor([float(stage.count(mbs))], dtype=torch.float64)))
+        stats = forward_backward(model, mbs, stage.loss_fn(total), cfg.model.hidden_size, dtype, ctx.device)
+        step_metrics = optimizer_step(model, opt, cfg, state.step)
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        state.extra["lr_scheduler"] = {"last_step": state.step - 1, "last_lr": step_metrics["lr"]}
+        keys = stage.stat_keys  # stats exist on the last stage only; every stage joins the reduction
+        sums = dict(zip(keys, reduce_last_stage_scalars([float(sum(st[k] for st in stats)) for k in keys])))
+        summary = stage.summarize(sums, total)
+        losses.append(summary["loss"])
+        grad_norms.append(step_metrics["grad_norm"])
+        elapsed = time.perf_counter() - start
+        record = {"step": state.step, **summary, **step_metrics, "consumed_samples": state.consumed_samples,
+                  "step_time_s": elapsed}  # fmt: skip
+        last = state.step == t.train_steps
+        if stage.evaluate is not None and t.eval_interval and (state.step % t.eval_interval == 0 or last):
+            record.update(stage.evaluate())
+        if state.step % cfg.logging.log_interval == 0 or last:
+            metrics.write(record)
+        maybe_save(cfg, state, models, optimizers, tokenizer_hash, final=last)
+        maybe_fault(f"after_step:{state.step}")
+    metrics.close()
+    if record:
+        shown = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss", "eval_", "acc")))
+        log_main(f"{stage.name} done: step {state.step} {shown}")
+    return {"losses": losses, "grad_norms": grad_norms, "final": record}
