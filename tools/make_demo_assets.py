@@ -2,8 +2,9 @@
 
     .venv/bin/python tools/make_demo_assets.py [--out-dir DIR]
 
-Train files draw problems from the train pool and eval files from the held-out pool (see
-`mrlhf.demo.task.split_pools`), so no eval problem appears in any train file in any wording or format.
+Train files draw prompts from the train pool and eval files from the held-out pool (see
+`mrlhf.demo.task.split_pools`): no eval prompt string occurs in any train file, though every problem (`a op b`) does,
+in other wordings and instructions. See docs/demo.md.
 """
 
 from __future__ import annotations
@@ -23,12 +24,23 @@ from mrlhf.data.records import ROLES, Turn  # noqa: E402
 from mrlhf.data.templates import get_template  # noqa: E402
 from mrlhf.data.tokenizer import train_sentencepiece  # noqa: E402
 from mrlhf.demo.judge import score  # noqa: E402
-from mrlhf.demo.task import Pools, demonstration, make_problem, split_pools, wrong_response  # noqa: E402
+from mrlhf.demo.task import (  # noqa: E402
+    FORMAT_KINDS,
+    NUMBER_KINDS,
+    WRONG_KINDS,
+    WRONG_WEIGHTS,
+    Pool,
+    demonstration,
+    distinct_prompts,
+    make_problem,
+    split_pools,
+    wrong_response,
+)
 
 OUT_DIR = REPO / "mrlhf" / "assets" / "demo"
 SEED = 20240607
-EVAL_FRACTION = 0.05
-NUM_EVAL_MUL = 8
+# (template, instruction) combinations of each problem's 12 that are held out for the eval files.
+HELD_OUT_PER_PROBLEM = 2
 SIZES = {
     "sft_train": 4000,
     "sft_eval": 200,
@@ -38,32 +50,43 @@ SIZES = {
     "prompts_eval": 200,
 }
 PREF_LABEL_NOISE = 0.10
-# A preference pair compares gold with a wrong response this often, else two wrong responses.
-PREF_GOLD_FRACTION = 0.5
+# A preference pair is gold vs the right number in the wrong form (the format lesson) this often; otherwise it is a
+# right number vs a wrong one, where the right side is gold PREF_RIGHT_IS_GOLD of the time and else the right number in
+# the wrong form (so that the number outranks the format).
+PREF_FORMAT_PAIR_FRACTION = 0.45
+PREF_RIGHT_IS_GOLD = 0.7
 VOCAB_SIZE = 448
 
 
-def sft_records(rng: np.random.Generator, pools: Pools, n: int) -> list[dict]:
+def sft_records(rng: np.random.Generator, pool: Pool, n: int) -> list[dict]:
     """`n` prompt/response records whose responses are (sloppy) simulated demonstrations."""
     records = []
     for _ in range(n):
-        prompt, _gold = make_problem(rng, pools)
+        prompt, _gold = make_problem(rng, pool)
         records.append({"prompt": prompt, "response": demonstration(prompt, rng)})
     return records
 
 
-def pref_records(rng: np.random.Generator, pools: Pools, n: int, label_noise: float) -> list[dict]:
-    """`n` judge-labelled pairs (ties skipped), then exactly round(label_noise * n) of them flipped."""
+def _kind(rng: np.random.Generator, kinds: tuple[str, ...]) -> str:
+    """One of `kinds`, weighted as WRONG_WEIGHTS weights them."""
+    weights = np.array([WRONG_WEIGHTS[WRONG_KINDS.index(k)] for k in kinds])
+    return kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+
+
+def pref_records(rng: np.random.Generator, pool: Pool, n: int, label_noise: float) -> list[dict]:
+    """`n` judge-ordered pairs, then exactly round(label_noise * n) of them flipped."""
     records = []
-    while len(records) < n:
-        prompt, gold = make_problem(rng, pools)
-        first = gold if rng.random() < PREF_GOLD_FRACTION else wrong_response(prompt, rng)
-        second = wrong_response(prompt, rng)
-        s1, s2 = score(prompt, first), score(prompt, second)
-        if s1 == s2:
-            continue
-        chosen, rejected = (first, second) if s1 > s2 else (second, first)
-        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    for _ in range(n):
+        prompt, gold = make_problem(rng, pool)
+        if rng.random() < PREF_FORMAT_PAIR_FRACTION:
+            better, worse = gold, wrong_response(prompt, rng, _kind(rng, FORMAT_KINDS))
+        else:
+            right_form = rng.random() < PREF_RIGHT_IS_GOLD
+            better = gold if right_form else wrong_response(prompt, rng, _kind(rng, FORMAT_KINDS))
+            worse = wrong_response(prompt, rng, _kind(rng, NUMBER_KINDS))
+        if not score(prompt, better) > score(prompt, worse):
+            raise AssertionError(f"pair not ordered by the judge: {prompt!r} {better!r} {worse!r}")
+        records.append({"prompt": prompt, "chosen": better, "rejected": worse})
     # Labellers disagree with the gold judge now and then: flip a fixed share, as noisy human labels would be.
     for i in rng.choice(n, size=round(label_noise * n), replace=False).tolist():
         r = records[i]
@@ -71,22 +94,15 @@ def pref_records(rng: np.random.Generator, pools: Pools, n: int, label_noise: fl
     return records
 
 
-def prompt_records(rng: np.random.Generator, pools: Pools, n: int) -> list[dict]:
+def prompt_records(rng: np.random.Generator, pool: Pool, n: int) -> list[dict]:
     """`n` distinct prompts."""
-    seen: set[str] = set()
-    records = []
-    while len(records) < n:
-        prompt, _gold = make_problem(rng, pools)
-        if prompt not in seen:
-            seen.add(prompt)
-            records.append({"prompt": prompt})
-    return records
+    return [{"prompt": prompt} for prompt in distinct_prompts(rng, pool, n)]
 
 
 def build(seed: int = SEED) -> dict[str, list[dict]]:
     """Every data file's records, keyed by file stem; a pure function of `seed`."""
     rng = np.random.default_rng(seed)
-    train, held = split_pools(rng, EVAL_FRACTION, NUM_EVAL_MUL)
+    train, held = split_pools(rng, HELD_OUT_PER_PROBLEM)
     return {
         "sft_train": sft_records(rng, train, SIZES["sft_train"]),
         "sft_eval": sft_records(rng, held, SIZES["sft_eval"]),

@@ -16,11 +16,18 @@ from mrlhf.data.tokenizer import Tokenizer
 from mrlhf.demo import ASSETS_DIR
 from mrlhf.demo.judge import gold_response, judge_batch, score
 from mrlhf.demo.task import (
+    FORMAT_KINDS,
+    NUMBER_KINDS,
     OPS,
+    WRONG_KINDS,
     demonstration,
+    distinct_prompts,
+    instruction_quotas,
     make_problem,
-    operand_pairs,
     parse_prompt,
+    prompt_probability,
+    prompt_space,
+    render_key,
     split_pools,
     wrong_response,
 )
@@ -61,6 +68,12 @@ def load(name: str) -> list[dict]:
         ("Multiply 7 by 8. Answer with just the number.", "56", 1.0),
         ("What is the product of 7 and 8? Answer with just the number.", "54", 0.0),
         ("What is 7 * 8? Answer with the full equation.", "56", 0.5),
+        ("What is 7 * 8? Answer with the full equation.", "8 * 7 = 56.", 0.5),
+        ("What is 0 + 0?", "0 + 0 = 0.", 1.0),
+        ("Take 3 away from 7. Answer with just the number.", "4", 1.0),
+        ("Take 3 away from 7.", "3 - 7 = 4.", 0.5),
+        ("Take 3 away from 7.", "3 - 7 = -4.", 0.0),
+        ("What is 5 minus 5? Answer with just the number.", "5 - 5 = 0.", 0.5),
     ],
 )
 def test_score_cases(prompt: str, response: str, expected: float) -> None:
@@ -112,7 +125,18 @@ def test_every_operator_and_template_round_trips() -> None:
         assert score(prompt, gold) == 1.0
         assert gold_response(prompt) == gold
         assert problem.result >= 0
+        assert max(problem.a, problem.b) <= 9
     assert seen == {(op, fmt) for op in OPS for fmt in ("number", "equation")}
+
+
+def test_prompt_space() -> None:
+    space = prompt_space()
+    # 100 sums, 55 differences, 64 products; 4 wordings x 3 instruction choices each.
+    assert len(space) == (100 + 55 + 64) * 12
+    prompts = [render_key(k) for k in space]
+    assert len(set(prompts)) == len(prompts)
+    assert all(parse_prompt(render_key(k)).key == k[:3] for k in space)
+    assert sum(prompt_probability(k) for k in space) == pytest.approx(1.0)
 
 
 def test_wrong_and_demonstration_responses() -> None:
@@ -122,31 +146,57 @@ def test_wrong_and_demonstration_responses() -> None:
         prompt, gold = make_problem(rng)
         wrong = wrong_response(prompt, rng)
         assert wrong != gold and score(prompt, wrong) < 1.0, (prompt, wrong)
+        for kind in WRONG_KINDS:
+            wrong = wrong_response(prompt, rng, kind)
+            # Format kinds keep the right number; number kinds state a non-negative wrong one.
+            assert score(prompt, wrong) == (0.5 if kind in FORMAT_KINDS else 0.0), (prompt, kind, wrong)
+            assert "-" not in wrong.split("=")[-1]
         demo_scores.append(score(prompt, demonstration(prompt, rng)))
     # Demonstrations always have the right number and sometimes the wrong format.
     assert set(demo_scores) == {0.5, 1.0}
+    assert set(FORMAT_KINDS) | set(NUMBER_KINDS) == set(WRONG_KINDS)
+    with pytest.raises(ValueError, match="unknown wrong-response kind"):
+        wrong_response("What is 1 + 2?", rng, "typo")
 
 
 def test_generators_are_deterministic() -> None:
     def run(seed: int) -> list:
         rng = np.random.default_rng(seed)
-        pools = split_pools(rng, 0.05, 8)
+        train, held = split_pools(rng, 2)
         out = []
         for _ in range(300):
-            prompt, gold = make_problem(rng, pools[0])
+            prompt, gold = make_problem(rng, train)
             out.append((prompt, gold, wrong_response(prompt, rng), demonstration(prompt, rng)))
-        return [pools, out]
+        return [train, held, out, distinct_prompts(rng, held, 50)]
 
     assert run(7) == run(7)
     assert run(7) != run(8)
 
 
-def test_split_pools_are_disjoint_and_cover_the_space() -> None:
-    train, held = split_pools(np.random.default_rng(3), 0.05, 8)
-    for op in OPS:
-        assert not set(train[op]) & set(held[op])
-        assert sorted(train[op] + held[op]) == sorted(operand_pairs(op))
-    assert all((b, a) in train["*"] for a, b in held["*"])
+def test_split_pools_hold_out_prompt_strings_not_problems() -> None:
+    rng = np.random.default_rng(3)
+    train, held = split_pools(rng, 2)
+    assert not set(train) & set(held)
+    assert set(train) | set(held) == set(prompt_space()) and len(train) + len(held) == len(prompt_space())
+    problems = {k[:3] for k in prompt_space()}
+    # Every problem keeps 10 of its 12 prompts in train and has exactly 2 held out.
+    assert {k[:3] for k in held} == {k[:3] for k in train} == problems
+    assert len(held) == 2 * len(problems)
+    assert all(parse_prompt(make_problem(rng, held)[0]).key in problems for _ in range(100))
+
+
+def test_distinct_prompts_keep_the_instruction_mix() -> None:
+    assert instruction_quotas(200, [146, 146, 146]) == [100, 50, 50]
+    assert instruction_quotas(2000, [730, 730, 730]) == [730, 635, 635]
+    assert instruction_quotas(5, [10, 10, 10]) == [3, 1, 1]
+    with pytest.raises(ValueError):
+        instruction_quotas(31, [10, 10, 10])
+    rng = np.random.default_rng(4)
+    _train, held = split_pools(rng, 2)
+    prompts = distinct_prompts(rng, held, 200)
+    assert len(set(prompts)) == 200 and set(prompts) <= {render_key(k) for k in held}
+    number = sum(parse_prompt(p).fmt == "number" for p in prompts)
+    assert number == 100
 
 
 # ---- shipped assets ----
@@ -179,30 +229,37 @@ def test_sft_responses_have_right_numbers() -> None:
     for name in ("sft_train", "sft_eval"):
         scores = [score(r["prompt"], r["response"]) for r in load(name)]
         assert min(scores) == 0.5 and max(scores) == 1.0
+    # Asked for just the number, demonstrators mostly write the full equation anyway.
+    number = [r for r in load("sft_train") if parse_prompt(r["prompt"]).fmt == "number"]
+    assert 0.75 <= sum("=" in r["response"] for r in number) / len(number) <= 0.85
 
 
-def test_pref_label_noise() -> None:
-    def flipped_fraction(name: str) -> float:
-        records = load(name)
-        ties = 0
-        flipped = 0
-        for r in records:
-            chosen, rejected = score(r["prompt"], r["chosen"]), score(r["prompt"], r["rejected"])
-            ties += chosen == rejected
-            flipped += chosen < rejected
-        assert ties == 0, f"{name} has pairs the judge ties"
-        return flipped / len(records)
+def test_pref_pairs_and_label_noise() -> None:
+    def pair_scores(name: str) -> list[tuple[float, float]]:
+        return [(score(r["prompt"], r["chosen"]), score(r["prompt"], r["rejected"])) for r in load(name)]
 
-    assert 0.07 <= flipped_fraction("pref_train") <= 0.13
-    assert flipped_fraction("pref_eval") == 0.0
+    train, held = pair_scores("pref_train"), pair_scores("pref_eval")
+    assert not [p for p in train + held if p[0] == p[1]], "pairs the judge ties"
+    assert sum(c < r for c, r in train) == 300  # exactly 10% flipped
+    assert all(c > r for c, r in held)
+    # Both lessons are well represented: format (gold vs right number in the wrong form) and number (right vs wrong).
+    for pairs in (train, held):
+        format_pairs = sum(sorted(p) == [0.5, 1.0] for p in pairs) / len(pairs)
+        assert 0.4 <= format_pairs <= 0.55
+        assert all(min(p) == 0.0 for p in pairs if sorted(p) != [0.5, 1.0])
 
 
-def test_eval_problems_disjoint_from_train() -> None:
-    def problems(names: tuple[str, ...]) -> set[tuple[int, str, int]]:
-        return {parse_prompt(r["prompt"]).key for name in names for r in load(name)}
+def test_eval_prompts_disjoint_from_train_but_problems_seen() -> None:
+    def prompts(names: tuple[str, ...]) -> set[str]:
+        return {r["prompt"] for name in names for r in load(name)}
 
-    assert not problems(EVAL_FILES) & problems(TRAIN_FILES)
-    assert len({r["prompt"] for r in load("prompts_eval")}) == 200
+    # Held out by prompt string: no eval prompt is a train prompt, but every eval problem is trained on.
+    assert not prompts(EVAL_FILES) & prompts(TRAIN_FILES)
+    train_problems = {parse_prompt(r["prompt"]).key for r in load("sft_train")}
+    assert {parse_prompt(p).key for p in prompts(EVAL_FILES)} <= train_problems
+    for name in ("prompts_train", "prompts_eval"):
+        assert len(prompts((name,))) == len(load(name))
+    assert sum(parse_prompt(r["prompt"]).fmt == "number" for r in load("prompts_eval")) == 100
 
 
 def test_tokenizer_round_trips_and_splits_digits() -> None:
