@@ -159,22 +159,49 @@ def _apply_retention(save_dir: str, keep_last: int, keep: str) -> None:
             shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
 
 
-def load_model(path: str, role: str, model: torch.nn.Module) -> None:
-    """Load one role's weights from a checkpoint saved at any TP/PP layout (collective)."""
+# Which saved role can initialise which: an LM role from an LM role; a scalar role from a scalar role (head kept) or
+# from an LM role (backbone only, new head).
+SOURCES = {
+    "actor": ("actor", "reference"),
+    "reference": ("reference", "actor"),
+    "reward": ("reward", "critic", "actor"),
+    "critic": ("critic", "reward", "actor"),
+}
+
+
+def pick_source_role(path: str, role: str) -> str:
+    roles = read_meta(path).get("roles", [])
+    for candidate in SOURCES[role]:
+        if candidate in roles:
+            return candidate
+    raise CheckpointError(f"checkpoint {path} holds {roles}; none can initialise a '{role}' model")
+
+
+def load_model(path: str, role: str, model: torch.nn.Module, source_role: str | None = None) -> bool:
+    """Load ``role``'s weights from ``source_role`` (default: best match) of a checkpoint saved at any TP/PP layout.
+
+    Collective. Returns True when the head had no source (an LM checkpoint initialising a reward/critic model) and
+    keeps its fresh initialisation; any other missing or unexpected key is an error that lists the keys.
+    """
     from megatron.core import dist_checkpointing
 
-    role_dir = os.path.join(path, role)
+    source_role = source_role or pick_source_role(path, role)
+    role_dir = os.path.join(path, source_role)
     if not os.path.isdir(role_dir):
-        raise CheckpointError(f"checkpoint {path} holds no '{role}' model (has: {read_meta(path).get('roles')})")
+        raise CheckpointError(f"checkpoint {path} holds no '{source_role}' model (has: {read_meta(path).get('roles')})")
     sharded = model.sharded_state_dict()
+    new_head = source_role in ("actor", "reference") and getattr(model, "head", None) is not None
+    if new_head:
+        sharded = {k: v for k, v in sharded.items() if not k.startswith("head.")}
     try:
         state = dist_checkpointing.load(sharded, role_dir)
     except Exception as e:  # megatron raises several types for key/shape mismatches
         raise CheckpointError(f"cannot load '{role}' from {role_dir}: {str(e).splitlines()[0]}") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not k.endswith("_extra_state") and not (new_head and k.startswith("head."))]
     if missing or unexpected:
-        raise CheckpointError(f"'{role}' in {role_dir}: missing keys {missing}, unexpected keys {unexpected}")
+        raise CheckpointError(f"'{role}' from {role_dir}: missing keys {missing}, unexpected keys {unexpected}")
+    return new_head
 
 
 def load_checkpoint(
@@ -197,7 +224,7 @@ def load_checkpoint(
             f"at this layout use checkpoint.load_dir={path} checkpoint.resume=false"
         )
     for role, model in models.items():
-        load_model(path, role, model)
+        load_model(path, role, model, source_role=role)
     per_rank = _safe_load(_rank_file(path))
     for role, opt in optimizers.items():
         # without ZeRO only dp rank 0 stored the (replicated) optimizer state: every dp rank reads that copy

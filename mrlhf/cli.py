@@ -19,6 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="supervised fine-tuning")
     sft.add_argument("--config", help="YAML run file (configs/sft_tiny.yaml)")
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4 parallel.tp=2")
+    for name, text in (("rm", "reward-model training"), ("dpo", "direct preference optimisation")):
+        stage = sub.add_parser(name, help=text)
+        stage.add_argument("--config", help=f"YAML run file (configs/{name}_demo.yaml)")
+        stage.add_argument("overrides", nargs="*", help="dotted overrides")
     gen = sub.add_parser("generate", help="generate with an actor checkpoint, write jsonl")
     gen.add_argument("--checkpoint", help="checkpoint directory (a save_dir or one step_N); its config is the base")
     gen.add_argument("--prompts", required=True, help="prompt file ({prompt} or {messages} per record)")
@@ -62,6 +66,14 @@ def _run(args: argparse.Namespace) -> int:
             from mrlhf.trainers.sft import train_sft
 
             train_sft(cfg, ctx)
+        elif args.command == "rm":
+            from mrlhf.trainers.rm import train_rm
+
+            train_rm(cfg, ctx)
+        elif args.command == "dpo":
+            from mrlhf.trainers.dpo import train_dpo
+
+            train_dpo(cfg, ctx)
         elif args.command == "generate":
             from mrlhf.generation.run import run_generate
 

@@ -309,6 +309,48 @@ class GenerationSection:
 
 
 @dataclass
+class RMSection:
+    """Reward-model training (stage 2)."""
+
+    margin: str = "none"
+    """Bradley-Terry margin: 'none', 'data' (each pair's margin field) or 'constant' (margin_value)."""
+    margin_value: float = 0.0
+    """The margin when margin='constant'."""
+    center_coef: float = 0.0
+    """Reward-centering regulariser: coef * (r_chosen + r_rejected)^2."""
+
+    def __post_init__(self) -> None:
+        if self.margin not in ("none", "data", "constant"):
+            raise ConfigError(f"rm.margin must be none, data or constant, got {self.margin!r}")
+        if self.center_coef < 0:
+            raise ConfigError("rm.center_coef must be >= 0")
+
+
+@dataclass
+class DPOSection:
+    """Direct preference optimisation (offline alternative to PPO)."""
+
+    loss: str = "sigmoid"
+    """'sigmoid' (DPO; conservative cDPO with label_smoothing > 0) or 'ipo'."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint."""
+    label_smoothing: float = 0.0
+    """cDPO: assumed probability that a preference label is flipped."""
+    sft_coef: float = 0.0
+    """Weight of an added NLL loss on the chosen responses (per token)."""
+    precompute_reference: bool = True
+    """Compute reference log-probs once for the whole dataset (else on the fly each step)."""
+    offload_reference: bool = True
+    """Keep the frozen reference in host memory while it is idle (a no-op on CPU)."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("sigmoid", "ipo"):
+            raise ConfigError(f"dpo.loss must be sigmoid or ipo, got {self.loss!r}")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.sft_coef < 0:
+            raise ConfigError("dpo: need beta > 0, 0 <= label_smoothing < 0.5, sft_coef >= 0")
+
+
+@dataclass
 class CheckpointConfig:
     """Saving, retention and resuming."""
 
@@ -323,7 +365,8 @@ class CheckpointConfig:
     resume: bool = True
     """Resume from the newest checkpoint in save_dir when one exists."""
     load_dir: str | None = None
-    """Initialise the model from this checkpoint (any tp/pp layout) when not resuming."""
+    """Initialise the model from this checkpoint (any tp/pp layout) when not resuming: the SFT checkpoint for RM
+    and DPO (a reward/critic head is then new), the RM checkpoint for a critic."""
     save_optimizer: bool = True
     """Store optimizer state (needed for exact resume)."""
 
@@ -358,6 +401,10 @@ class RunConfig:
     """Batch sizes, steps, precision."""
     generation: GenerationSection = field(default_factory=GenerationSection)
     """Sampling settings."""
+    rm: RMSection = field(default_factory=RMSection)
+    """Reward-model loss."""
+    dpo: DPOSection = field(default_factory=DPOSection)
+    """DPO loss and reference handling."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and resume."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

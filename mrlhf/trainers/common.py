@@ -123,11 +123,18 @@ def restore(
         state = TrainState(step=ts["step"], consumed_samples=ts["consumed_samples"], extra=ts.get("extra", {}))
         log_main(f"resumed from {path} at step {state.step}")
     elif cfg.checkpoint.load_dir:
-        src = ckpt.latest_checkpoint(cfg.checkpoint.load_dir) or cfg.checkpoint.load_dir
+        src = init_path(cfg)
         for role, model in models.items():
-            ckpt.load_model(src, role, model)
-        log_main(f"initialised weights from {src}")
+            source = ckpt.pick_source_role(src, role)
+            new_head = ckpt.load_model(src, role, model, source)
+            note = " (backbone only: the head is new)" if new_head else ""
+            log_main(f"initialised '{role}' from '{source}' of {src}{note}")
     return state
+
+
+def init_path(cfg: RunConfig) -> str:
+    """The checkpoint directory named by checkpoint.load_dir (a save_dir with a 'latest' tracker, or one step)."""
+    return ckpt.latest_checkpoint(cfg.checkpoint.load_dir) or cfg.checkpoint.load_dir
 
 
 def maybe_save(
@@ -239,7 +246,7 @@ def run_supervised(
         record = {"step": state.step, **summary, **step_metrics, "consumed_samples": state.consumed_samples,
                   "step_time_s": elapsed}  # fmt: skip
         last = state.step == t.train_steps
-        if stage.evaluate is not None and t.eval_interval and (state.step % t.eval_interval == 0 or last):
+        if stage.evaluate is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or last):
             record.update(stage.evaluate())
         if state.step % cfg.logging.log_interval == 0 or last:
             metrics.write(record)
