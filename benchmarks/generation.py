@@ -70,8 +70,8 @@ def part_a(lengths: list[int], batch: int) -> None:
     for n in lengths:
         gen = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch)
         ps = prompts(batch)
-        fast, t_fast = timed(lambda: Generator(model, gen, pad_id=0).generate(ps))
-        slow, t_slow = timed(lambda: generate_full_recompute(model, ps, gen, pad_id=0))
+        fast, t_fast = timed(lambda g=gen, p=ps: Generator(model, g, pad_id=0).generate(p))
+        slow, t_slow = timed(lambda g=gen, p=ps: generate_full_recompute(model, p, g, pad_id=0))
         toks = batch * n
         print(f"{n:>10} {toks / t_fast:>12.0f} {toks / t_slow:>16.0f} {t_slow / t_fast:>8.1f}x {str(fast.tokens == slow.tokens):>12}")
 
@@ -96,10 +96,10 @@ def part_b(lengths: list[int], batch: int) -> None:
     print(f"{'new tokens':>10} {'mrlhf tok/s':>12} {'HF tok/s':>10} {'ratio':>7} {'same tokens':>12}")
     for n in lengths:
         gen = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch)
-        ours, t_ours = timed(lambda: Generator(model, gen, pad_id=0).generate(ps))
+        ours, t_ours = timed(lambda g=gen: Generator(model, g, pad_id=0).generate(ps))
         with torch.no_grad():
             theirs, t_hf = timed(
-                lambda: hf.generate(
+                lambda n=n: hf.generate(
                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                     use_cache=True, pad_token_id=0, eos_token_id=None,
                 )  # fmt: skip

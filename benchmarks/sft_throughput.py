@@ -60,7 +60,7 @@ def main() -> None:
         tp, pp = (int(x) for x in layout.split("x"))
         r = run(tp, pp, args.steps, args.overrides)
         base = base or r["tokens_per_s"]
-        print(f"{'TP%dxPP%d' % (tp, pp):>8} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} "
+        print(f"{f'TP{tp}xPP{pp}':>8} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} "
               f"{r['tokens_per_s'] / base:>7.2f} {r['final_loss']:>7.3f}")
 
 

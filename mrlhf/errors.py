@@ -28,3 +28,8 @@ class ConfigError(MrlhfError):
 
 class CheckpointError(MrlhfError):
     """A checkpoint that is missing, incomplete or does not match the run."""
+
+
+class ConversionError(MrlhfError):
+    """A model directory or checkpoint that cannot be converted (unsupported architecture, missing or mismatched
+    tensors, unsafe pickle, impossible target layout); the message names the file or config field."""

@@ -1,10 +1,37 @@
 #!/usr/bin/env bash
-# The main job on the embedded tiny model and data: set up, then SFT on the shipped arithmetic corpus.
-# Extra arguments are dotted config overrides, e.g. `bash scripts/quickstart.sh training.train_steps=50`.
+# The main job on the embedded demo task (arithmetic with a gold judge), CPU, a few minutes on 2 cores:
+#   1. SFT of a tiny LLaMA-style policy on sloppy demonstrations  -> judge score of its greedy answers
+#   2. reward model on judge-labelled pairs (10% label noise)     -> held-out pair accuracy
+#   3. DPO from the SFT policy on the same pairs                  -> judge score of its greedy answers
+# Outputs go to runs/{sft,rm,dpo}_demo. Extra arguments are overrides for every stage (e.g. parallel.tp=1).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 export PYTHONWARNINGS=ignore
-.venv/bin/python -m mrlhf.cli sft --config configs/sft_tiny.yaml checkpoint.resume=false "$@"
-echo "[quickstart] metrics: runs/sft_tiny/metrics.jsonl  checkpoints: runs/sft_tiny/checkpoints"
+py=.venv/bin/python
+prompts=mrlhf/assets/demo/prompts_eval.jsonl
+rm -rf runs/sft_demo runs/rm_demo runs/dpo_demo
+
+judge() {  # judge <checkpoint dir> <out jsonl>: greedy answers to the held-out prompts, scored by the gold judge
+  "$py" -m mrlhf.cli generate --checkpoint "$1" --prompts "$prompts" --out "$2" generation.temperature=0 >/dev/null
+  "$py" -m mrlhf.demo.score "$2"
+}
+
+echo "== 1/3 SFT"
+"$py" -m mrlhf.cli sft --config configs/sft_demo.yaml "$@"
+sft_score=$(judge runs/sft_demo/checkpoints runs/sft_demo/eval_generations.jsonl)
+echo "[quickstart] SFT policy on 200 held-out prompts: $sft_score"
+
+echo "== 2/3 reward model"
+"$py" -m mrlhf.cli rm --config configs/rm_demo.yaml "$@"
+rm_acc=$("$py" -c 'import json; r=[json.loads(l) for l in open("runs/rm_demo/metrics.jsonl")][-1]; print(f"{r[\"eval_accuracy\"]:.3f}")')
+echo "[quickstart] reward model held-out pair accuracy: $rm_acc"
+
+echo "== 3/3 DPO"
+"$py" -m mrlhf.cli dpo --config configs/dpo_demo.yaml "$@"
+dpo_score=$(judge runs/dpo_demo/checkpoints runs/dpo_demo/eval_generations.jsonl)
+echo
+echo "[quickstart] SFT policy : $sft_score"
+echo "[quickstart] RM accuracy: $rm_acc (held-out pairs)"
+echo "[quickstart] DPO policy : $dpo_score"

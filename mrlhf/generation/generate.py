@@ -24,7 +24,7 @@ from megatron.core import parallel_state as ps
 
 from mrlhf.data.collate import collate_prompts
 from mrlhf.generation.sampling import SamplingParams, sample_tokens
-from mrlhf.models.backbone import backbone_forward, position_ids_from_mask
+from mrlhf.models.backbone import backbone_forward
 from mrlhf.models.heads import vocab_parallel_logits
 from mrlhf.ops.kv_cache import DecodeState, KVCache, decoding
 from mrlhf.parallel import comm
@@ -245,12 +245,14 @@ class Generator:
         for work in self._pending_sends:
             work.wait()
         wall = time.perf_counter() - t0
+        kv_bytes = cache.nbytes
         cache.free()
         for t in (out_tokens, out_logprobs, out_len, out_reason):
             comm.broadcast_from_last_stage(t)
         tokens = [out_tokens[i, : out_len[i]].tolist() for i in range(n)]
         logprobs = [out_logprobs[i, : out_len[i]].tolist() for i in range(n)]
-        stats = {"wall_s": wall, "busy_s": busy_time, "busy_fraction": busy_time / max(wall, 1e-9), "ticks": tick}
+        stats = {"wall_s": wall, "busy_s": busy_time, "busy_fraction": busy_time / max(wall, 1e-9), "ticks": tick,
+                 "kv_cache_bytes": kv_bytes}  # fmt: skip
         if self.pp > 1:  # every stage's busy fraction, for the pipeline benchmark
             frac = torch.zeros(self.pp, dtype=torch.float64)
             frac[self.pp_rank] = stats["busy_fraction"]

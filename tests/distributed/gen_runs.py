@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from model_runs import make_cfg
 
 

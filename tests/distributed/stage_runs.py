@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import torch
-
 from sft_runs import ROOT, TINY
 
 DEMO = os.path.join(ROOT, "mrlhf", "assets", "demo")

@@ -2,9 +2,8 @@
 reproducible and identical across TP ranks, rollout log-probs == training log-probs."""
 
 import pytest
-from harness import run_ranks
-
 from gen_runs import generate_rank, letters
+from harness import run_ranks
 
 GREEDY = {"temperature": 0.0}
 SAMPLED = {"temperature": 1.0, "top_k": 50, "top_p": 0.95, "seed": 17}
@@ -70,6 +69,8 @@ def test_slots_are_refilled_and_stops_are_per_sequence():
     (r, _) = run_ranks(generate_rank, 2, {"pp": 2}, "llama", GREEDY, {"num_slots": 3, "max_new_tokens": 12})
     (ref,) = run_ranks(generate_rank, 1, {}, "llama", GREEDY, {"max_new_tokens": 12})
     assert r["tokens"] == ref["tokens"]
+    # the cache is sized from the run: 2 layers x 3 slots x 2 rows x (11 prompt + 12 new) x 2 kv heads x 16 dims, k+v, fp32
+    assert r["stats"]["kv_cache_bytes"] == 2 * 3 * 2 * 23 * 2 * 16 * 2 * 4
     stop = ref["tokens"][1][4]  # the 5th token of prompt 1 becomes a stop token
     (s,) = run_ranks(generate_rank, 1, {}, "llama", GREEDY, {"max_new_tokens": 12, "stop": [stop]})
     first = ref["tokens"][1].index(stop)

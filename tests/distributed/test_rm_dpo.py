@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 from harness import run_ranks
 from sft_runs import assert_bitwise_equal_params, set_fault
 from stage_runs import scores_rank, sft_checkpoint_rank, stage_rank
