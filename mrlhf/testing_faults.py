@@ -12,4 +12,9 @@ import os
 
 def maybe_fault(point: str) -> None:
     if os.environ.get("MRLHF_FAULT") == point:
+        # megatron's checkpoint writer keeps a multiprocessing Manager; stop it so crash tests leave no orphans
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            child.terminate()
         os._exit(137)

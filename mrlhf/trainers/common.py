@@ -124,12 +124,25 @@ def restore(
         log_main(f"resumed from {path} at step {state.step}")
     elif cfg.checkpoint.load_dir:
         src = init_path(cfg)
+        check_tokenizer(src, tokenizer_hash)
         for role, model in models.items():
             source = ckpt.pick_source_role(src, role)
             new_head = ckpt.load_model(src, role, model, source)
             note = " (backbone only: the head is new)" if new_head else ""
             log_main(f"initialised '{role}' from '{source}' of {src}{note}")
     return state
+
+
+def check_tokenizer(path: str, tokenizer_hash: str) -> None:
+    """Roles that exchange token ids must share the tokenizer: refuse a checkpoint made with another one."""
+    saved = ckpt.read_meta(path).get("tokenizer_hash")
+    if saved and saved != tokenizer_hash:
+        from mrlhf.errors import CheckpointError
+
+        raise CheckpointError(
+            f"{path} was trained with tokenizer {saved[:12]}..., this run's data.tokenizer_path has {tokenizer_hash[:12]}...:"
+            " token ids would not match"
+        )
 
 
 def init_path(cfg: RunConfig) -> str:

@@ -24,6 +24,7 @@ from mrlhf.parallel.state import ParallelContext
 from mrlhf.rl.losses import dpo_loss, implicit_rewards, sequence_logprob
 from mrlhf.trainers.common import (
     SupervisedStage,
+    check_tokenizer,
     dp_slice,
     init_path,
     log_main,
@@ -118,6 +119,7 @@ def train_dpo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     reference = build_role(cfg, "reference", vocab).to(ctx.device)
     from mrlhf import checkpoint as ckpt
 
+    check_tokenizer(init_path(cfg), tokenizer.hash)
     ckpt.load_model(init_path(cfg), "reference", reference)
     reference.eval().requires_grad_(False)
     opt = Optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optimizer, cfg.parallel.zero1)

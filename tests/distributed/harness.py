@@ -20,6 +20,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def reap_children() -> None:
+    """Stop processes this rank started (megatron's checkpoint writer keeps a multiprocessing Manager alive); os._exit
+    skips the finalizers that would, and orphans would pile up over a test session."""
+    for p in mp.active_children():
+        p.terminate()
+        p.join(timeout=5)
+
+
 def _child(fn: Callable, rank: int, world: int, port: int, queue, args: tuple, env: dict[str, str]) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -42,6 +50,7 @@ def _child(fn: Callable, rank: int, world: int, port: int, queue, args: tuple, e
             destroy_distributed()
         except Exception:
             pass
+        reap_children()
         queue.close()
         queue.join_thread()
         os._exit(code)
