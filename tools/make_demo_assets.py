@@ -44,7 +44,7 @@ HELD_OUT_PER_PROBLEM = 2
 SIZES = {
     "sft_train": 4000,
     "sft_eval": 200,
-    "pref_train": 3000,
+    "pref_train": 20000,
     "pref_eval": 300,
     "prompts_train": 2000,
     "prompts_eval": 200,

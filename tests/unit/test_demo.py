@@ -213,7 +213,7 @@ def test_asset_files_exist_and_are_small() -> None:
     assert sizes == {
         "sft_train": 4000,
         "sft_eval": 200,
-        "pref_train": 3000,
+        "pref_train": 20000,
         "pref_eval": 300,
         "prompts_train": 2000,
         "prompts_eval": 200,
@@ -240,7 +240,7 @@ def test_pref_pairs_and_label_noise() -> None:
 
     train, held = pair_scores("pref_train"), pair_scores("pref_eval")
     assert not [p for p in train + held if p[0] == p[1]], "pairs the judge ties"
-    assert sum(c < r for c, r in train) == 300  # exactly 10% flipped
+    assert sum(c < r for c, r in train) == 2000  # exactly 10% flipped
     assert all(c > r for c, r in held)
     # Both lessons are well represented: format (gold vs right number in the wrong form) and number (right vs wrong).
     for pairs in (train, held):
