@@ -25,7 +25,12 @@ echo "[quickstart] SFT policy on 200 held-out prompts: $sft_score"
 
 echo "== 2/3 reward model"
 "$py" -m mrlhf.cli rm --config configs/rm_demo.yaml "$@"
-rm_acc=$("$py" -c 'import json; r=[json.loads(l) for l in open("runs/rm_demo/metrics.jsonl")][-1]; print(f"{r[\"eval_accuracy\"]:.3f}")')
+rm_acc=$("$py" - <<'PY'
+import json
+last = [json.loads(line) for line in open("runs/rm_demo/metrics.jsonl")][-1]
+print(f"{last['eval_accuracy']:.3f}")
+PY
+)
 echo "[quickstart] reward model held-out pair accuracy: $rm_acc"
 
 echo "== 3/3 DPO"
