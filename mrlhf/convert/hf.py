@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from mrlhf.convert.hf_config import HFSpec
+from mrlhf.convert.hf_config import HFSpec, hf_config_for_export, spec_from_run_config
 from mrlhf.errors import ConversionError
 
 
@@ -75,7 +75,9 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def split_qkv(w: torch.Tensor, heads: int, groups: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(
+    w: torch.Tensor, heads: int, groups: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Megatron fused QKV ([groups * (heads/groups + 2) * head_dim, ...]) -> q, k, v in HF row order."""
     per = heads // groups
     w = w.reshape(groups, per + 2, head_dim, *w.shape[1:])
@@ -164,14 +166,9 @@ def recipes(spec: HFSpec, scalar: bool) -> dict[str, Recipe]:
     return out
 
 
-def hf_tensor_shapes(table: dict[str, Recipe], skip: set[str] = frozenset()) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """HF key -> (full shape, optional) over every recipe not in ``skip``."""
-    shapes: dict[str, tuple[tuple[int, ...], bool]] = {}
-    for name, recipe in table.items():
-        if name not in skip:
-            for piece in recipe.pieces:
-                shapes[piece.key] = (piece.hf_shape, piece.optional)
-    return shapes
+def hf_tensor_shapes(table: dict[str, Recipe]) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """HF key -> (full shape, optional) over every recipe of the table."""
+    return {piece.key: (piece.hf_shape, piece.optional) for recipe in table.values() for piece in recipe.pieces}
 
 
 _BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
@@ -276,3 +273,24 @@ def to_hf_state_dict(
             raise ConversionError(f"{key}: built shape {list(tensor.shape)}, expected {list(parts[0][0].hf_shape)}")
         out[key] = tensor.contiguous()
     return out
+
+
+def to_hf_gpt2(sd: dict[str, torch.Tensor], cfg, vocab_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(GPT2Config kwargs, GPT2LMHeadModel state dict, the tied ``lm_head.weight`` included) of a full state dict."""
+    return _config_and_state(sd, cfg, vocab_size, "gpt2")
+
+
+def to_hf_llama(sd: dict[str, torch.Tensor], cfg, vocab_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(LlamaConfig / Qwen2Config kwargs, *ForCausalLM state dict) of a full state dict."""
+    return _config_and_state(sd, cfg, vocab_size, None)
+
+
+def _config_and_state(sd, cfg, vocab_size: int, model_type: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    spec = spec_from_run_config(cfg, vocab_size, model_type, "lm")
+    out = to_hf_state_dict(sd, spec, scalar=False)
+    if spec.tied:  # for load_state_dict into a freshly built model, which lists the tied head too
+        out["lm_head.weight"] = out[
+            spec.prefix + ("wte.weight" if spec.model_type == "gpt2" else "embed_tokens.weight")
+        ]
+    config = hf_config_for_export(spec, False, "float32", None, {})
+    return {k: v for k, v in config.items() if k not in ("architectures", "model_type")}, out

@@ -99,16 +99,13 @@ def read_hf_config(hf_dir: str) -> HFSpec:
     archs = raw.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in ARCHITECTURES:
-        raise ConversionError(
-            f"{path}: field 'architectures' is {archs!r}; supported: {', '.join(ARCHITECTURES)}"
-        )
+        raise ConversionError(f"{path}: field 'architectures' is {archs!r}; supported: {', '.join(ARCHITECTURES)}")
     model_type, head = ARCHITECTURES[arch]
 
-    def get(key: str, default: Any = ConversionError) -> Any:
-        value = raw.get(key, default)
-        if value is ConversionError or (value is None and default is ConversionError):
+    def get(key: str) -> Any:
+        if raw.get(key) is None:
             raise ConversionError(f"{path}: field '{key}' is missing (needed for {arch})")
-        return value
+        return raw[key]
 
     def refuse(key: str, value: Any, why: str) -> None:
         raise ConversionError(f"{path}: field '{key}' = {value!r} is not supported: {why}")
@@ -271,8 +268,8 @@ def hf_config_for_export(
         if key in out:
             out[key] = 0.0
     out["dtype" if "torch_dtype" not in out else "torch_dtype"] = dtype_name
-    for key, value in special.items():
-        if value is not None or key not in out:
+    for key, value in special.items():  # the original's token ids win; the tokenizer fills the gaps
+        if out.get(key) is None:
             out[key] = value
     if scalar:
         out |= {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}

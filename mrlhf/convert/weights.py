@@ -30,8 +30,13 @@ _DTYPES = {
 class WeightReader:
     """The tensors of one HF model directory, by name; nothing is read until :meth:`read`."""
 
-    def __init__(self, files: dict[str, str], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]):
-        self.files, self.shapes, self.dtypes = files, shapes, dtypes
+    def __init__(self, source: str) -> None:
+        self.source = source
+        """The index or single weight file, for messages."""
+        self.files: dict[str, str] = {}
+        """Tensor name -> file holding it."""
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
         self._bin: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod
@@ -50,7 +55,7 @@ class WeightReader:
             shards = sorted(set(weight_map.values()))
         else:
             weight_map, shards = None, [name]
-        reader = cls({}, {}, {})
+        reader = cls(path)
         for shard in shards:
             shard_path = os.path.join(hf_dir, shard)
             if not os.path.isfile(shard_path):

@@ -1,0 +1,137 @@
+"""mrlhf checkpoint (any layout) -> HF model directory that ``transformers`` loads directly.
+
+One forked process loads the role at TP1PP1 (dist_checkpointing reshards on load), maps the full tensors with
+``hf.to_hf_state_dict`` (vocab padding stripped) and writes size-sharded safetensors, ``config.json`` and the
+tokenizer files. LM roles become ``*ForCausalLM`` (``GPT2LMHeadModel``); reward/critic become
+``*ForSequenceClassification`` with ``num_labels=1`` and ``score.weight`` from ``head.linear.weight``. HF's score has
+no bias: a zero head bias is dropped, a nonzero one is an error unless ``drop_head_bias`` (rewards then shift by a
+constant, which Bradley-Terry training is blind to). An ``ema_actor`` saved next to the actor is exported to
+``<out>/ema/`` with the same mapping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import torch
+
+from mrlhf.checkpoint import load_model, read_meta
+from mrlhf.config import RunConfig, config_from_dict
+from mrlhf.convert.hf import full_state_dict, to_hf_state_dict
+from mrlhf.convert.hf_config import SCALAR_ROLES, hf_config_for_export, spec_from_run_config
+from mrlhf.convert.runtime import atomic_output, copy_tokenizer, resolve_checkpoint, run_ranks
+from mrlhf.convert.weights import parse_size, save_sharded
+from mrlhf.errors import ConversionError, MrlhfError
+from mrlhf.models.roles import ROLES, RoleModel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXTRA_ROLES = {"ema_actor": "actor"}  # role directories that hold another role's model
+EMA_DIR = "ema"
+
+
+def role_kind(role: str) -> str:
+    """The RoleModel kind a saved role directory holds."""
+    if role in ROLES:
+        return role
+    if role in EXTRA_ROLES:
+        return EXTRA_ROLES[role]
+    raise ConversionError(f"unknown role '{role}' in checkpoint (known: {', '.join(ROLES + tuple(EXTRA_ROLES))})")
+
+
+def checkpoint_config(meta: dict[str, Any], tp: int, pp: int) -> RunConfig:
+    """The checkpoint's RunConfig at another layout."""
+    data = json.loads(json.dumps(meta["config"]))
+    data["parallel"] = {**data.get("parallel", {}), "tp": tp, "pp": pp}
+    data["parallel"] |= {"first_stage_layers": None, "last_stage_layers": None}
+    return config_from_dict(data)
+
+
+def real_vocab(cfg: RunConfig, path: str) -> int:
+    """Real vocabulary size: the config's, else the tokenizer's (as the trainers decide it)."""
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    from mrlhf.data.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.load(cfg.data.tokenizer_path).vocab_size
+    except MrlhfError as e:
+        raise ConversionError(f"{path}: model.vocab_size is unset and the tokenizer does not load ({e})") from None
+
+
+def _special_tokens(cfg: RunConfig, tok_dir: str | None) -> dict[str, int | None]:
+    """bos/eos/pad ids from the checkpoint's tokenizer, when one loads (pad falls back to eos)."""
+    from mrlhf.data.tokenizer import Tokenizer
+
+    for path in (tok_dir, cfg.data.tokenizer_path):
+        if path and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            path = os.path.join(path, "tokenizer.model")
+        if path and os.path.exists(path):
+            with contextlib.suppress(MrlhfError):
+                tok = Tokenizer.load(path)
+                return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    return {}
+
+
+def convert_mrlhf_to_hf(
+    ckpt: str,
+    out: str,
+    role: str | None = None,
+    max_shard_size: str = "2GB",
+    dtype: str = "auto",
+    drop_head_bias: bool = False,
+) -> dict[str, Any]:
+    """Export ``role`` (default: actor, else reward, else critic) of the checkpoint at ``ckpt`` (a save_dir or one
+    step) to ``out``. Returns a summary (files written per exported model)."""
+    root, path = resolve_checkpoint(ckpt)
+    meta = read_meta(path)
+    roles = meta.get("roles", [])
+    role = role or next((r for r in ("actor", "reward", "critic", "reference") if r in roles), None)
+    if role not in roles:
+        raise ConversionError(f"{path}: holds roles {roles}; cannot export {role!r}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
+    cfg = checkpoint_config(meta, 1, 1)
+    vocab = real_vocab(cfg, path)
+    source = meta.get("converted_from") or {}
+    tok_info = meta.get("tokenizer") or {}
+    tok_dir = os.path.join(root, tok_info["dir"]) if tok_info.get("dir") else None
+    scalar = role_kind(role) in SCALAR_ROLES
+    spec = spec_from_run_config(cfg, vocab, source.get("model_type"), "score" if scalar else "lm")
+    target = DTYPES.get(dtype) or cfg.to_transformer_config().params_dtype
+    hf_config = hf_config_for_export(
+        spec, scalar, str(target).removeprefix("torch."), source.get("config"), _special_tokens(cfg, tok_dir)
+    )
+    jobs = [(role, "")] + ([("ema_actor", EMA_DIR)] if role == "actor" and "ema_actor" in roles else [])
+    with atomic_output(out) as tmp:
+        written = run_ranks(_export_rank, 1, cfg.to_dict(), path, spec, jobs, tmp, target, max_bytes, drop_head_bias)
+        for _, sub in jobs:
+            dst = os.path.join(tmp, sub)
+            with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(hf_config, f, indent=2)
+            copy_tokenizer(tok_dir or cfg.data.tokenizer_path, dst)
+    return {"out": os.path.abspath(out), "role": role, "architecture": hf_config["architectures"][0],
+            "files": written[0], "dtype": str(target).removeprefix("torch.")}  # fmt: skip
+
+
+def _export_rank(rank, cfg_dict, path, spec, jobs, out_dir, dtype, max_bytes, drop_head_bias) -> dict[str, list[str]]:
+    """The single export process: load each job's role at TP1PP1, map, write safetensors."""
+    from mrlhf.parallel.state import init_distributed
+
+    cfg = config_from_dict(cfg_dict)
+    init_distributed(cfg)
+    written = {}
+    for role, sub in jobs:
+        kind = role_kind(role)
+        model = RoleModel(cfg, kind, spec.vocab, True, True).to(cfg.to_transformer_config().params_dtype)
+        load_model(path, kind, model, source_role=role)
+        sd = to_hf_state_dict(full_state_dict(model), spec, kind in SCALAR_ROLES, drop_head_bias)
+        sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+        dst = os.path.join(out_dir, sub)
+        os.makedirs(dst, exist_ok=True)
+        written[role] = save_sharded(sd, dst, max_bytes)
+        del model, sd
+    return written
