@@ -2,8 +2,8 @@
 
 (a) incremental decoding over the KV cache vs full recompute (no cache), tokens/s at several lengths;
 (b) mrlhf vs HF transformers ``generate`` (KV cache on) on the same weights, greedy, batch 16, prompt 32;
-(c) pipeline busy fraction per stage at PP=2 and PP=4 on gloo: interleaved slots (S = PP) vs one microbatch
-    walking the pipeline (S = 1).
+(c) pipeline busy fraction per stage at PP=2 and PP=4 on gloo: S >= PP interleaved slots (S = PP, and PP + 1 for one
+    tick of slack) vs one microbatch walking the pipeline (S = 1).
 
     .venv/bin/python benchmarks/generation.py [--parts a b c] [--quick]
 
@@ -109,6 +109,12 @@ def part_b(lengths: list[int], batch: int) -> None:
         print(f"{n:>10} {toks / t_ours:>12.0f} {toks / t_hf:>10.0f} {t_hf / t_ours:>6.2f}x {str(same):>12}")
 
 
+# Part (c) uses 8 layers; the last stage also runs the LM head (vocab 8000 x hidden 256 ~ 2.5 layers of work) and the
+# sampler, so it gets fewer layers (megatron's uneven first/last stage sizes) to balance the stages.
+STAGE_SPLIT = {2: ["parallel.first_stage_layers=5", "parallel.last_stage_layers=3"],
+               4: ["parallel.first_stage_layers=3", "parallel.last_stage_layers=1"]}  # fmt: skip
+
+
 def worker_c(out: str, slots: int, new_tokens: int, batch: int, n_prompts: int) -> None:
     """One rank of part (c), launched by torchrun."""
     import torch
@@ -118,7 +124,7 @@ def worker_c(out: str, slots: int, new_tokens: int, batch: int, n_prompts: int) 
 
     pp = int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    cfg, ctx, model = build([f"parallel.pp={pp}"])
+    cfg, ctx, model = build([f"parallel.pp={pp}", "model.num_layers=8", *STAGE_SPLIT.get(pp, [])])
     gen = GenerationConfig(max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch,
                            num_slots=slots)  # fmt: skip
     result = Generator(model, gen, pad_id=0).generate(prompts(n_prompts))
@@ -128,11 +134,12 @@ def worker_c(out: str, slots: int, new_tokens: int, batch: int, n_prompts: int) 
 
 
 def part_c(pps: list[int], new_tokens: int) -> None:
-    print(f"\n(c) pipeline busy fraction per stage (gloo, 1 thread per rank), {new_tokens} new tokens, batch 4 x 8 prompts")
+    print(f"\n(c) pipeline busy fraction per stage (gloo, 1 thread per rank), 8 layers, {new_tokens} new tokens, "
+          "96 prompts in microbatches of 16")  # fmt: skip
     print(f"{'PP':>3} {'schedule':>12} {'tok/s':>8} {'stage busy fractions':>30} {'mean':>6}")
     for pp in pps:
         rows = {}
-        for name, slots in (("interleaved", pp), ("naive", 1)):
+        for name, slots in ((f"S={pp + 1}", pp + 1), (f"S={pp}", pp), ("naive S=1", 1)):
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "r.json")
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pp}",
@@ -147,7 +154,7 @@ def part_c(pps: list[int], new_tokens: int) -> None:
             toks = sum(len(t) for t in r["tokens"])
             print(f"{pp:>3} {name:>12} {toks / st['wall_s']:>8.0f} {' '.join(f'{x:.2f}' for x in frac):>30} "
                   f"{sum(frac) / len(frac):>6.2f}")  # fmt: skip
-        assert rows["interleaved"] == rows["naive"], "both schedules must generate the same tokens"
+        assert rows[f"S={pp}"] == rows["naive S=1"] == rows[f"S={pp + 1}"], "every schedule must generate the same tokens"
 
 
 def main() -> None:
@@ -158,7 +165,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker_c:
         out, slots, n = args.worker_c
-        worker_c(out, int(slots), int(n), batch=4, n_prompts=8)
+        worker_c(out, int(slots), int(n), batch=16, n_prompts=96)
         return
     import torch
 
@@ -171,7 +178,7 @@ def main() -> None:
     if "b" in args.parts:
         part_b([16] if args.quick else [64, 256], batch=16)
     if "c" in args.parts:
-        part_c([2] if args.quick else [2, 4], new_tokens=8 if args.quick else 32)
+        part_c([2] if args.quick else [2, 4], new_tokens=8 if args.quick else 64)
 
 
 if __name__ == "__main__":
