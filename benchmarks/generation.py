@@ -174,7 +174,7 @@ def main() -> None:
     print(f"# generation benchmark  {time.strftime('%Y-%m-%d')}  {platform.machine()}  cores={os.cpu_count()}  "
           f"torch {torch.__version__} threads={torch.get_num_threads()}  kv ops: {describe_backend()}")  # fmt: skip
     if "a" in args.parts:
-        part_a([16, 32] if args.quick else [128, 256, 512], batch=2)
+        part_a([16, 32] if args.quick else [128, 256, 512], batch=4)
     if "b" in args.parts:
         part_b([16] if args.quick else [64, 256], batch=16)
     if "c" in args.parts:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from mrlhf.data.collate import collate_prompts
+from mrlhf.generation.fast_decode import decode_layers, supports
 from mrlhf.generation.sampling import SamplingParams, sample_tokens
 from mrlhf.models.backbone import backbone_forward
 from mrlhf.models.heads import vocab_parallel_logits
@@ -73,6 +74,7 @@ class Generator:
         gen: GenerationConfig,
         pad_id: int,
         decode_text: Callable[[list[int]], str] | None = None,
+        fast_decode: bool = True,
     ) -> None:
         self.model, self.gen, self.pad_id, self.decode_text = model, gen, pad_id, decode_text
         self.gpt = model.backbone
@@ -86,6 +88,7 @@ class Generator:
         self.head_dim = cfg.kv_channels
         self.layer_offset = self.gpt.decoder.layers[0].layer_number - 1
         self.rope = getattr(self.gpt, "rotary_pos_emb", None)
+        self.fast = fast_decode and supports(self.gpt)
         if gen.stop_strings and decode_text is None:
             raise ValueError("stop strings need decode_text (a tokenizer's decode)")
 
@@ -114,6 +117,10 @@ class Generator:
                 write_pos=torch.zeros(b, dtype=torch.long, device=self.device),
             )
             toks, positions, mask = tokens["tokens"], tokens["position_ids"], tokens["attention_mask"]
+        if tokens is None and self.fast:
+            with torch.no_grad():
+                hidden = self.gpt.embedding(input_ids=toks, position_ids=positions) if self.first else inp
+                return decode_layers(self.gpt, hidden, state)
         with decoding(state), torch.no_grad():
             rope_in_op = tokens is None and self.rope is not None
             hidden = backbone_forward(self.gpt, toks, positions, mask, input_tensor=inp, rope=not rope_in_op)

@@ -91,3 +91,13 @@ def test_stop_strings_end_a_sequence_where_the_text_first_contains_them():
             assert cut == full[:end] and reason == "stop_string"
         else:
             assert cut == full and reason == "length"
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+def test_fast_decode_path_equals_module_path(flavour):
+    """The lean decode step does megatron's math in megatron's order: identical tokens and log-probs."""
+    for layout, world in (({}, 1), ({"tp": 2}, 2)):
+        fast = run_ranks(generate_rank, world, layout, flavour, SAMPLED, {"max_new_tokens": 12})
+        slow = run_ranks(generate_rank, world, layout, flavour, SAMPLED, {"max_new_tokens": 12, "fast": False})
+        assert fast[0]["tokens"] == slow[0]["tokens"]
+        assert fast[0]["logprobs"] == slow[0]["logprobs"]
