@@ -270,3 +270,41 @@ def run_supervised(
         shown = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss", "eval_", "acc")))
         log_main(f"{stage.name} done: step {state.step} {shown}")
     return {"losses": losses, "grad_norms": grad_norms, "final": record}
+
+
+@dataclass
+class Prepared:
+    """Everything a supervised stage starts from: tokenizer, data, its trained role (restored or initialised)."""
+
+    tokenizer: Any
+    data: Any
+    model: torch.nn.Module
+    optimizer: Optimizer
+    models: dict[str, torch.nn.Module]
+    optimizers: dict[str, Optimizer]
+    state: TrainState
+
+
+def prepare(cfg: RunConfig, ctx: ParallelContext, kind: str, stage: str, role: str) -> Prepared:
+    """Seed, load and validate the data (before any model exists), build ``role``, resume or initialise it."""
+    from mrlhf.data.datasets import build_datasets
+    from mrlhf.data.tokenizer import Tokenizer
+    from mrlhf.errors import DataError
+    from mrlhf.models.roles import build_role
+
+    seed_everything(cfg.training.seed)
+    tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
+    data = build_datasets(cfg, kind, stage, tokenizer)
+    if len(data.train) < cfg.training.global_batch_size:
+        raise DataError(
+            ",".join(cfg.data.source_specs), None, None,
+            f"{len(data.train)} training samples is fewer than one global batch ({cfg.training.global_batch_size})",
+        )  # fmt: skip
+    if any(data.stats.values()):
+        log_main(f"data: {data.stats} (length policy '{cfg.data.length_policy}')")
+    save_resolved_config(cfg, ctx)
+    model = build_role(cfg, role, cfg.model.vocab_size or tokenizer.vocab_size).to(ctx.device)
+    opt = Optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.parallel.zero1)
+    models, optimizers = {role: model}, {role: opt}
+    state = restore(cfg, models, optimizers, tokenizer.hash)
+    return Prepared(tokenizer, data, model, opt, models, optimizers, state)

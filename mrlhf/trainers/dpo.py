@@ -13,8 +13,6 @@ from typing import Any
 import torch
 
 from mrlhf.config import RunConfig
-from mrlhf.data.datasets import build_datasets
-from mrlhf.data.tokenizer import Tokenizer
 from mrlhf.errors import ConfigError
 from mrlhf.models import residency
 from mrlhf.models.roles import build_role
@@ -28,15 +26,11 @@ from mrlhf.trainers.common import (
     dp_slice,
     init_path,
     log_main,
+    prepare,
     reduce_last_stage_scalars,
-    restore,
     run_supervised,
-    save_resolved_config,
-    seed_everything,
 )
-from mrlhf.trainers.optim import Optimizer
 from mrlhf.trainers.rm import preference_microbatches
-from mrlhf.trainers.sft import check_enough_samples
 
 STATS = ("loss_sum", "pairs", "correct", "margin_sum", "chosen_lp_sum", "rejected_lp_sum")
 
@@ -109,22 +103,14 @@ def train_dpo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     t, d = cfg.training, cfg.dpo
     if not cfg.checkpoint.load_dir:
         raise ConfigError("dpo needs checkpoint.load_dir: the SFT checkpoint that is both the start and the reference")
-    seed_everything(t.seed)
-    tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
-    data = build_datasets(cfg, "preference", "dpo", tokenizer)
-    check_enough_samples(cfg, len(data.train))
-    save_resolved_config(cfg, ctx)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    policy = build_role(cfg, "actor", vocab).to(ctx.device)
-    reference = build_role(cfg, "reference", vocab).to(ctx.device)
+    run = prepare(cfg, ctx, "preference", "dpo", "actor")
+    policy, data, tokenizer = run.model, run.data, run.tokenizer
     from mrlhf import checkpoint as ckpt
 
+    reference = build_role(cfg, "reference", cfg.model.vocab_size or tokenizer.vocab_size).to(ctx.device)
     check_tokenizer(init_path(cfg), tokenizer.hash)
     ckpt.load_model(init_path(cfg), "reference", reference)
     reference.eval().requires_grad_(False)
-    opt = Optimizer([p for p in policy.parameters() if p.requires_grad], cfg.optimizer, cfg.parallel.zero1)
-    models, optimizers = {"actor": policy}, {"actor": opt}
-    state = restore(cfg, models, optimizers, tokenizer.hash)
     pad = tokenizer.pad_id
 
     table = None
@@ -176,7 +162,7 @@ def train_dpo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     stage = SupervisedStage(
         name="DPO",
         model=policy,
-        optimizer=opt,
+        optimizer=run.optimizer,
         train_size=len(data.train),
         stat_keys=STATS,
         microbatches=lambda idx: preference_microbatches(data.train, idx, t.micro_batch_size, pad, ctx.device),
@@ -186,5 +172,5 @@ def train_dpo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         evaluate=evaluate,
         before_step=attach_reference,
     )
-    result = run_supervised(cfg, ctx, stage, models, optimizers, state, tokenizer.hash)
+    result = run_supervised(cfg, ctx, stage, run.models, run.optimizers, run.state, tokenizer.hash)
     return {**result, "model": policy, "output_dir": os.path.abspath(t.output_dir)}

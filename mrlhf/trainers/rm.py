@@ -10,29 +10,23 @@ import torch
 
 from mrlhf.config import RunConfig
 from mrlhf.data.collate import collate_preference
-from mrlhf.data.datasets import build_datasets
-from mrlhf.data.tokenizer import Tokenizer
-from mrlhf.models.roles import build_role
 from mrlhf.parallel.schedule import forward_only
 from mrlhf.parallel.state import ParallelContext
 from mrlhf.rl.losses import pairwise_rm_loss
 from mrlhf.trainers.common import (
     SupervisedStage,
     dp_slice,
-    log_main,
+    prepare,
     reduce_last_stage_scalars,
-    restore,
     run_supervised,
-    save_resolved_config,
-    seed_everything,
 )
-from mrlhf.trainers.optim import Optimizer
-from mrlhf.trainers.sft import check_enough_samples
 
 STATS = ("loss_sum", "correct", "chosen_sum", "rejected_sum", "pairs")
 
 
-def preference_microbatches(dataset, indices: list[int], mbs: int, pad_id: int, device) -> list[dict[str, torch.Tensor]]:
+def preference_microbatches(
+    dataset, indices: list[int], mbs: int, pad_id: int, device
+) -> list[dict[str, torch.Tensor]]:
     """Pairs -> microbatches of ``mbs`` pairs (2*mbs rows: chosen first, then rejected)."""
     out = []
     for i in range(0, len(indices), mbs):
@@ -113,17 +107,8 @@ def evaluate_rm(model, dataset, cfg: RunConfig, ctx: ParallelContext, pad_id: in
 def train_rm(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     """Train the reward model; the final checkpoint stores reward mean/std over the held-out sequences."""
     t = cfg.training
-    seed_everything(t.seed)
-    tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
-    data = build_datasets(cfg, "preference", "rm", tokenizer)
-    check_enough_samples(cfg, len(data.train))
-    if any(data.stats.values()):
-        log_main(f"data: {data.stats}")
-    save_resolved_config(cfg, ctx)
-    model = build_role(cfg, "reward", cfg.model.vocab_size or tokenizer.vocab_size).to(ctx.device)
-    opt = Optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.parallel.zero1)
-    models, optimizers = {"reward": model}, {"reward": opt}
-    state = restore(cfg, models, optimizers, tokenizer.hash)
+    run = prepare(cfg, ctx, "preference", "rm", "reward")
+    model, data, tokenizer, state = run.model, run.data, run.tokenizer, run.state
     heldout = data.eval if data.eval is not None else data.train
 
     def evaluate() -> dict[str, float]:
@@ -134,15 +119,17 @@ def train_rm(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     stage = SupervisedStage(
         name="RM",
         model=model,
-        optimizer=opt,
+        optimizer=run.optimizer,
         train_size=len(data.train),
         stat_keys=STATS,
-        microbatches=lambda idx: preference_microbatches(data.train, idx, t.micro_batch_size, tokenizer.pad_id, ctx.device),
+        microbatches=lambda idx: preference_microbatches(
+            data.train, idx, t.micro_batch_size, tokenizer.pad_id, ctx.device
+        ),
         count=lambda mbs: sum(mb["index"].numel() for mb in mbs),
         loss_fn=rm_loss_fn(cfg),
         summarize=summarize,
         evaluate=evaluate,
     )
-    result = run_supervised(cfg, ctx, stage, models, optimizers, state, tokenizer.hash)
+    result = run_supervised(cfg, ctx, stage, run.models, run.optimizers, state, tokenizer.hash)
     return {**result, "model": model, "reward_stats": state.extra.get("reward_stats"),
             "output_dir": os.path.abspath(t.output_dir)}  # fmt: skip

@@ -11,23 +11,15 @@ from megatron.core import parallel_state as ps
 
 from mrlhf.config import RunConfig
 from mrlhf.data.collate import collate_packed_sft, collate_sft, pack_sft
-from mrlhf.data.datasets import build_datasets
-from mrlhf.data.tokenizer import Tokenizer
-from mrlhf.errors import DataError
-from mrlhf.models.roles import build_role
 from mrlhf.parallel.schedule import forward_only
 from mrlhf.parallel.state import ParallelContext
 from mrlhf.trainers.common import (
     SupervisedStage,
     dp_slice,
-    log_main,
+    prepare,
     reduce_last_stage_scalars,
-    restore,
     run_supervised,
-    save_resolved_config,
-    seed_everything,
 )
-from mrlhf.trainers.optim import Optimizer
 
 
 def make_microbatches(
@@ -84,18 +76,8 @@ def evaluate(model, dataset, cfg: RunConfig, ctx: ParallelContext, pad_id: int) 
 def train_sft(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     """Run SFT to ``training.train_steps``; returns per-step losses and the final metrics (same on every rank)."""
     t = cfg.training
-    seed_everything(t.seed)
-    tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
-    data = build_datasets(cfg, "sft", "sft", tokenizer)
-    check_enough_samples(cfg, len(data.train))
-    if any(data.stats.values()):
-        log_main(f"data: {data.stats} (length policy '{cfg.data.length_policy}')")
-    save_resolved_config(cfg, ctx)
-
-    model = build_role(cfg, "actor", cfg.model.vocab_size or tokenizer.vocab_size).to(ctx.device)
-    opt = Optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.parallel.zero1)
-    models, optimizers = {"actor": model}, {"actor": opt}
-    state = restore(cfg, models, optimizers, tokenizer.hash)
+    run = prepare(cfg, ctx, "sft", "sft", "actor")
+    model, data, tokenizer = run.model, run.data, run.tokenizer
     start_time = [0.0]
 
     def microbatches(indices: list[int]):
@@ -112,7 +94,7 @@ def train_sft(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     stage = SupervisedStage(
         name="SFT",
         model=model,
-        optimizer=opt,
+        optimizer=run.optimizer,
         train_size=len(data.train),
         stat_keys=("nll_sum",),
         microbatches=microbatches,
@@ -121,13 +103,5 @@ def train_sft(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         summarize=summarize,
         evaluate=(lambda: {"eval_loss": evaluate(model, data.eval, cfg, ctx, tokenizer.pad_id)}) if data.eval else None,
     )
-    result = run_supervised(cfg, ctx, stage, models, optimizers, state, tokenizer.hash)
+    result = run_supervised(cfg, ctx, stage, run.models, run.optimizers, run.state, tokenizer.hash)
     return {**result, "model": model, "output_dir": os.path.abspath(t.output_dir)}
-
-
-def check_enough_samples(cfg: RunConfig, n: int) -> None:
-    if n < cfg.training.global_batch_size:
-        raise DataError(
-            ",".join(cfg.data.source_specs), None, None,
-            f"{n} training samples is fewer than one global batch ({cfg.training.global_batch_size})",
-        )  # fmt: skip
