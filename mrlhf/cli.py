@@ -58,6 +58,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _config_from_checkpoint(args.checkpoint, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)  # config errors surface before any distributed work
+    if args.command in ("sft", "rm", "dpo"):
+        # data errors (file, line, field) surface before any process group exists; the trainer then maps the cache
+        from mrlhf.trainers.common import STAGE_DATA, load_stage_data
+
+        load_stage_data(cfg, *STAGE_DATA[args.command])
     from mrlhf.parallel.state import destroy_distributed, init_distributed
 
     ctx = init_distributed(cfg)

@@ -285,14 +285,15 @@ class Prepared:
     state: TrainState
 
 
-def prepare(cfg: RunConfig, ctx: ParallelContext, kind: str, stage: str, role: str) -> Prepared:
-    """Seed, load and validate the data (before any model exists), build ``role``, resume or initialise it."""
+STAGE_DATA = {"sft": ("sft", "sft"), "rm": ("preference", "rm"), "dpo": ("preference", "dpo")}
+
+
+def load_stage_data(cfg: RunConfig, kind: str, stage: str):
+    """Tokenizer and validated datasets of a stage; needs no process group (the CLI runs it before any)."""
     from mrlhf.data.datasets import build_datasets
     from mrlhf.data.tokenizer import Tokenizer
     from mrlhf.errors import DataError
-    from mrlhf.models.roles import build_role
 
-    seed_everything(cfg.training.seed)
     tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
     data = build_datasets(cfg, kind, stage, tokenizer)
     if len(data.train) < cfg.training.global_batch_size:
@@ -300,6 +301,15 @@ def prepare(cfg: RunConfig, ctx: ParallelContext, kind: str, stage: str, role: s
             ",".join(cfg.data.source_specs), None, None,
             f"{len(data.train)} training samples is fewer than one global batch ({cfg.training.global_batch_size})",
         )  # fmt: skip
+    return tokenizer, data
+
+
+def prepare(cfg: RunConfig, ctx: ParallelContext, kind: str, stage: str, role: str) -> Prepared:
+    """Seed, load and validate the data (before any model exists), build ``role``, resume or initialise it."""
+    from mrlhf.models.roles import build_role
+
+    seed_everything(cfg.training.seed)
+    tokenizer, data = load_stage_data(cfg, kind, stage)
     if any(data.stats.values()):
         log_main(f"data: {data.stats} (length policy '{cfg.data.length_policy}')")
     save_resolved_config(cfg, ctx)

@@ -57,7 +57,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def test_missing_training_data(tmp_path: Path) -> None:
-    # gets past config validation and initialises megatron before the data is read;
+    # gets past config validation; data is checked before any process group starts;
     # output_dir points at tmp_path so nothing can land in the repository's runs/
     line = one_error_line(
         run_sft("--config", TINY_YAML, "data.train_path=/nonexistent.jsonl", f"training.output_dir={tmp_path / 'out'}")
@@ -68,3 +68,18 @@ def test_missing_training_data(tmp_path: Path) -> None:
 def test_malformed_override() -> None:
     line = one_error_line(run_sft("--config", TINY_YAML, "optimizer.lr"))
     assert "optimizer.lr" in line
+
+
+def test_dataset_smaller_than_one_global_batch(tmp_path: Path) -> None:
+    line = one_error_line(
+        run_sft("--config", TINY_YAML, "training.global_batch_size=4096", "training.micro_batch_size=2",
+                f"training.output_dir={tmp_path / 'out'}", "data.cache_dir=null")  # fmt: skip
+    )
+    assert "sft_train.jsonl" in line and "fewer than one global batch (4096)" in line
+
+
+def test_bad_record_names_file_line_and_field(tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "Hi?", "response": "ok."}\n{"prompt": "  ", "response": "x"}\n', encoding="utf-8")
+    line = one_error_line(run_sft("--config", TINY_YAML, f"data.train_path={data}", f"training.output_dir={tmp_path}"))
+    assert f"{data}:2" in line and "field 'prompt'" in line
