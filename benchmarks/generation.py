@@ -144,8 +144,10 @@ def part_c(pps: list[int], new_tokens: int) -> None:
                 out = os.path.join(tmp, "r.json")
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pp}",
                        __file__, "--worker-c", out, str(slots), str(new_tokens)]  # fmt: skip
-                subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                if proc.returncode:
+                    raise SystemExit(f"PP={pp} {name} failed:\n{proc.stderr[-3000:]}")
                 with open(out) as f:
                     r = json.load(f)
             st = r["stats"]
