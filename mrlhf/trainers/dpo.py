@@ -58,6 +58,19 @@ def reference_table(reference, dataset, cfg: RunConfig, ctx: ParallelContext, pa
     return table
 
 
+def pair_stats(pi_c, pi_r, ref_c, ref_r, loss: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Summable statistics of a microbatch of pairs (train and eval)."""
+    r_c, r_r = implicit_rewards(pi_c, pi_r, ref_c, ref_r, beta)
+    return {
+        "loss_sum": loss.sum(),
+        "pairs": torch.tensor(float(pi_c.shape[0])),
+        "correct": (r_c > r_r).float().sum(),
+        "margin_sum": (r_c - r_r).sum(),
+        "chosen_lp_sum": pi_c.sum(),
+        "rejected_lp_sum": pi_r.sum(),
+    }
+
+
 def dpo_loss_fn(cfg: RunConfig):
     d = cfg.dpo
 
@@ -72,16 +85,7 @@ def dpo_loss_fn(cfg: RunConfig):
             if d.sft_coef:
                 tokens = mb["loss_mask"][:b].sum(-1).clamp(min=1)
                 loss = loss + d.sft_coef * (-pi_c / tokens)
-            r_c, r_r = implicit_rewards(pi_c.detach(), pi_r.detach(), ref_c, ref_r, d.beta)
-            stats = {
-                "loss_sum": loss.detach().sum(),
-                "pairs": torch.tensor(float(b)),
-                "correct": (r_c > r_r).float().sum(),
-                "margin_sum": (r_c - r_r).sum(),
-                "chosen_lp_sum": pi_c.detach().sum(),
-                "rejected_lp_sum": pi_r.detach().sum(),
-            }
-            return loss.sum() / total, stats
+            return loss.sum() / total, pair_stats(pi_c.detach(), pi_r.detach(), ref_c, ref_r, loss.detach(), d.beta)
 
         return loss_fn
 
@@ -151,10 +155,7 @@ def train_dpo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         for mb, p, r in zip(mbs, pol, ref):
             b = mb["index"].numel()
             loss = dpo_loss(d.loss, p[:b], p[b:], r[:b], r[b:], d.beta, d.label_smoothing)
-            r_c, r_r = implicit_rewards(p[:b], p[b:], r[:b], r[b:], d.beta)
-            for k, v in (("loss_sum", loss.sum()), ("pairs", b), ("correct", (r_c > r_r).sum()),
-                         ("margin_sum", (r_c - r_r).sum()), ("chosen_lp_sum", p[:b].sum()),
-                         ("rejected_lp_sum", p[b:].sum())):  # fmt: skip
+            for k, v in pair_stats(p[:b], p[b:], r[:b], r[b:], loss, d.beta).items():
                 sums[k] += float(v)
         sums = dict(zip(STATS, reduce_last_stage_scalars([sums[k] for k in STATS])))
         return summarize(sums, 0.0, "eval_")
