@@ -62,13 +62,3 @@ class RewardHead(torch.nn.Module):
         last = torch.where(attention_mask, positions, -1).max(dim=1).values.clamp(min=0)  # [b]
         picked = hidden[last, torch.arange(hidden.shape[1], device=hidden.device)]  # [b, h]
         return self.linear(picked).squeeze(-1).float()
-
-
-@torch.no_grad()
-def init_scalar_head(head: torch.nn.Module, seed: int, name: str, std: float) -> None:
-    """Deterministic init shared by all TP ranks (the head is replicated)."""
-    import zlib
-
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-    head.linear.weight.copy_(torch.randn(head.linear.weight.shape, generator=gen) * std)
-    head.linear.bias.zero_()

@@ -12,8 +12,8 @@ import torch
 from megatron.core import parallel_state as ps
 
 from mrlhf.config import RunConfig
-from mrlhf.models.backbone import backbone_forward, build_backbone, init_weights
-from mrlhf.models.heads import RewardHead, ValueHead, init_scalar_head, token_logprobs, vocab_parallel_logits
+from mrlhf.models.backbone import backbone_forward, build_backbone, init_value, init_weights
+from mrlhf.models.heads import RewardHead, ValueHead, token_logprobs, vocab_parallel_logits
 
 ROLES = ("actor", "reference", "critic", "reward")
 
@@ -49,10 +49,13 @@ class RoleModel(torch.nn.Module):
         """The word embedding lives on the first and the last stage and their grads must be summed."""
         return self.has_lm_head and self.cfg.model.tied and ps.get_pipeline_model_parallel_world_size() > 1
 
+    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         init_weights(self.backbone, self.cfg, seed)
-        if self.head is not None:
-            init_scalar_head(self.head, seed, f"{self.role}_head", self.cfg.model.init_std)
+        if self.head is not None:  # replicated over TP: every rank draws the same values from (seed, name)
+            weight = self.head.linear.weight
+            weight.copy_(init_value(f"{self.role}_head", tuple(weight.shape), self.cfg, seed))
+            self.head.linear.bias.zero_()
 
     def forward(
         self,
