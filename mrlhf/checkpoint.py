@@ -102,8 +102,10 @@ def save_checkpoint(
     config: dict[str, Any],
     tokenizer_hash: str,
     keep_last: int = 0,
+    sharded_strategy: Any = None,
 ) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. ``sharded_strategy`` replaces
+    megatron's default writer (the conversion tools stream tensors through ``convert.streaming.LazySaveStrategy``)."""
     from megatron.core import dist_checkpointing
 
     name = _step_name(step)
@@ -119,7 +121,7 @@ def save_checkpoint(
             os.makedirs(os.path.join(tmp, role))
     comm.barrier()
     for role, model in models.items():
-        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, role))
+        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, role), sharded_strategy=sharded_strategy)
     maybe_fault("save_after_model")
     per_rank: dict[str, Any] = {"rng": rng_state()}
     for role, opt in optimizers.items():

@@ -4,7 +4,8 @@ Everything that can be checked from config.json and the weight-file headers is c
 process: architecture and fields, divisibility by the target layout, missing/extra tensors and their shapes. Then
 ``tp * pp`` ranks are forked; each builds its stage of the RoleModel and fills every parameter with its TP shard,
 reading only those slices of the HF tensors (``hf.local_shard``), and all save through ``save_checkpoint`` -- the
-format the trainers write. The output appears all at once (``runtime.atomic_output``) or not at all.
+format the trainers write. The stage is built on the meta device and each parameter is read when the writer asks
+for it (``streaming.LazySaveStrategy``), so a rank holds about one parameter, not its stage. The output appears all at once (``runtime.atomic_output``) or not at all.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from mrlhf.convert.runtime import (
     run_ranks,
     tokenizer_entry,
 )
+from mrlhf.convert.streaming import LazySaveStrategy, base_of, meta_role_model, view_of
 from mrlhf.convert.weights import WeightReader
 from mrlhf.errors import ConversionError
 from mrlhf.models.backbone import global_param_name
-from mrlhf.models.roles import RoleModel
 
 DEFAULT_ROLE = {"lm": "actor", "score": "reward", "v_head": "critic"}
 
@@ -123,31 +124,43 @@ def convert_hf_to_mrlhf(
 def _convert_rank(
     rank: int, cfg_dict: dict, spec: HFSpec, reader: WeightReader, role: str, save_dir: str, tok_hash: str
 ):
-    """One rank: build this stage, copy its shard of every tensor, save collectively. Returns the step directory."""
+    """One rank: build this stage on the meta device, then save collectively while each parameter's TP shard is
+    read from the HF files only when the writer asks for it (one parameter in memory at a time). Returns the step
+    directory."""
     from mrlhf.parallel.state import init_distributed
 
     cfg = config_from_dict(cfg_dict)
     init_distributed(cfg)
-    model = RoleModel(cfg, role, spec.vocab, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
-    model = model.to(cfg.to_transformer_config().params_dtype)
+    model = meta_role_model(cfg, role, spec.vocab, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+    dtype = cfg.to_transformer_config().params_dtype
     table = recipes(spec, role in SCALAR_ROLES)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     padded = cfg.model.padded_vocab_size(spec.vocab)
-    with torch.no_grad():
-        for local, param in model.named_parameters():
-            name = (
-                global_param_name(model.backbone, local.removeprefix("backbone."))
-                if local.startswith("backbone.")
-                else local
-            )
-            if name not in table:
-                raise ConversionError(f"no HF source for mrlhf parameter {name} ({spec.model_type}, role {role})")
+    names: dict[int, tuple[str, torch.nn.Parameter]] = {}
+    for local, param in model.named_parameters():
+        name = (
+            global_param_name(model.backbone, local.removeprefix("backbone."))
+            if local.startswith("backbone.")
+            else local
+        )
+        if name not in table:
+            raise ConversionError(f"no HF source for mrlhf parameter {name} ({spec.model_type}, role {role})")
+        names[id(param)] = (name, param)
+    last: dict[str, Any] = {}  # the parameter read most recently (SwiGLU's fc1 is saved as two halves)
+
+    def produce(sh) -> torch.Tensor:
+        name, param = names[id(base_of(sh.data))]
+        if last.get("name") != name:
+            last.clear()
             value = local_shard(table[name], spec, reader, tp, tp_rank, padded)
             if value.shape != param.shape:
                 raise ConversionError(
                     f"{name}: built a shard of shape {list(value.shape)}, expected {list(param.shape)}"
                 )
-            param.copy_(value)
-            del value
+            last.update(name=name, value=value.to(dtype).contiguous())
+        return view_of(last["value"], sh.data)
+
     train_state = {"step": 0, "consumed_samples": 0, "extra": {}}
-    return save_checkpoint(save_dir, 0, {role: model}, {}, train_state, cfg.to_dict(), tok_hash)
+    return save_checkpoint(
+        save_dir, 0, {role: model}, {}, train_state, cfg.to_dict(), tok_hash, sharded_strategy=LazySaveStrategy(produce)
+    )
