@@ -104,8 +104,8 @@ def save_checkpoint(
     keep_last: int = 0,
     sharded_strategy: Any = None,
 ) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory. ``sharded_strategy`` replaces
-    megatron's default writer (the conversion tools stream tensors through ``convert.streaming.LazySaveStrategy``)."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. ``sharded_strategy`` (one, or one
+    per role) replaces megatron's default writer (conversions stream through ``convert.streaming.LazySaveStrategy``)."""
     from megatron.core import dist_checkpointing
 
     name = _step_name(step)
@@ -121,7 +121,8 @@ def save_checkpoint(
             os.makedirs(os.path.join(tmp, role))
     comm.barrier()
     for role, model in models.items():
-        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, role), sharded_strategy=sharded_strategy)
+        strategy = sharded_strategy.get(role) if isinstance(sharded_strategy, dict) else sharded_strategy
+        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, role), sharded_strategy=strategy)
     maybe_fault("save_after_model")
     per_rank: dict[str, Any] = {"rng": rng_state()}
     for role, opt in optimizers.items():

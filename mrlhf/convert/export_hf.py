@@ -1,8 +1,9 @@
 """mrlhf checkpoint (any layout) -> HF model directory that ``transformers`` loads directly.
 
-One forked process loads the role at TP1PP1 (dist_checkpointing reshards on load), maps the full tensors with
-``hf.to_hf_state_dict`` (vocab padding stripped) and writes size-sharded safetensors, ``config.json`` and the
-tokenizer files. LM roles become ``*ForCausalLM`` (``GPT2LMHeadModel``); reward/critic become
+One forked process streams the role parameter by parameter: each TP1PP1 parameter is assembled from the boxes of
+the saved tensors that cover it (``streaming.ChunkReader``; any saved layout), mapped with ``hf.to_hf_state_dict``
+(vocab padding stripped) and written into size-sharded safetensors planned up front (``weights.SafetensorsWriter``),
+so the process holds about one parameter; then ``config.json`` and the tokenizer files. LM roles become ``*ForCausalLM`` (``GPT2LMHeadModel``); reward/critic become
 ``*ForSequenceClassification`` with ``num_labels=1`` and ``score.weight`` from ``head.linear.weight``. HF's score has
 no bias: a zero head bias is dropped, a nonzero one is an error unless ``drop_head_bias`` (rewards then shift by a
 constant, which Bradley-Terry training is blind to). An ``ema_actor`` saved next to the actor is exported to
@@ -18,14 +19,15 @@ from typing import Any
 
 import torch
 
-from mrlhf.checkpoint import load_model, read_meta
+from mrlhf.checkpoint import read_meta
 from mrlhf.config import RunConfig, config_from_dict
-from mrlhf.convert.hf import full_state_dict, to_hf_state_dict
+from mrlhf.convert.hf import to_hf_state_dict
 from mrlhf.convert.hf_config import SCALAR_ROLES, hf_config_for_export, spec_from_run_config
 from mrlhf.convert.runtime import atomic_output, copy_tokenizer, resolve_checkpoint, run_ranks
-from mrlhf.convert.weights import parse_size, save_sharded
+from mrlhf.convert.streaming import ChunkReader, assemble_parameters, meta_role_model, view_of
+from mrlhf.convert.weights import SafetensorsWriter, parse_size
 from mrlhf.errors import ConversionError, MrlhfError
-from mrlhf.models.roles import ROLES, RoleModel
+from mrlhf.models.roles import ROLES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXTRA_ROLES = {"ema_actor": "actor"}  # role directories that hold another role's model
@@ -118,7 +120,9 @@ def convert_mrlhf_to_hf(
 
 
 def _export_rank(rank, cfg_dict, path, spec, jobs, out_dir, dtype, max_bytes, drop_head_bias) -> dict[str, list[str]]:
-    """The single export process: load each job's role at TP1PP1, map, write safetensors."""
+    """The single export process. For each job's role: a TP1PP1 model on the meta device names every parameter and
+    the boxes of the saved tensors that make it up; the HF files are planned from the mapping of the meta tensors,
+    then each parameter is read, mapped and written before the next one is read (one parameter in memory)."""
     from mrlhf.parallel.state import init_distributed
 
     cfg = config_from_dict(cfg_dict)
@@ -126,12 +130,43 @@ def _export_rank(rank, cfg_dict, path, spec, jobs, out_dir, dtype, max_bytes, dr
     written = {}
     for role, sub in jobs:
         kind = role_kind(role)
-        model = RoleModel(cfg, kind, spec.vocab, True, True).to(cfg.to_transformer_config().params_dtype)
-        load_model(path, kind, model, source_role=role)
-        sd = to_hf_state_dict(full_state_dict(model), spec, kind in SCALAR_ROLES, drop_head_bias)
-        sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+        scalar = kind in SCALAR_ROLES
+        model = meta_role_model(cfg, kind, spec.vocab, True, True)
+        role_dir = os.path.join(path, role)
+        if not os.path.isdir(role_dir):
+            raise ConversionError(f"{path}: holds no '{role}' model")
+        reader = ChunkReader(role_dir)
+        params = dict(model.named_parameters())
+        names = {id(p): n for n, p in params.items()}
+        pieces = assemble_parameters(model, reader, names)
+        global_names = {n: global_name(model, n) for n in params}
+        plan = []  # (local name, HF keys) in model order
+        entries = []
+        for local, p in params.items():
+            if sum(sh.data.numel() for sh in pieces.get(local, [])) != p.numel():
+                raise ConversionError(f"{role_dir}: the saved tensors do not cover parameter {global_names[local]}")
+            hf = to_hf_state_dict({global_names[local]: p}, spec, scalar, drop_head_bias, check_values=False)
+            plan.append((local, list(hf)))
+            entries += [(k, tuple(t.shape), dtype) for k, t in hf.items()]
         dst = os.path.join(out_dir, sub)
         os.makedirs(dst, exist_ok=True)
-        written[role] = save_sharded(sd, dst, max_bytes)
-        del model, sd
+        writer = SafetensorsWriter(dst, entries, max_bytes)
+        for local, keys in plan:
+            meta = params[local]
+            value = torch.empty(meta.shape, dtype=meta.dtype)
+            for sh in pieces[local]:
+                view_of(value, sh.data).copy_(reader.read_shard(sh))
+            hf = to_hf_state_dict({global_names[local]: value}, spec, scalar, drop_head_bias)
+            for key in keys:
+                writer.write(key, hf[key].to(dtype))
+            del value, hf
+        written[role] = writer.close()
     return written
+
+
+def global_name(model, local: str) -> str:
+    from mrlhf.models.backbone import global_param_name
+
+    return (
+        global_param_name(model.backbone, local.removeprefix("backbone.")) if local.startswith("backbone.") else local
+    )

@@ -236,9 +236,11 @@ def local_shard(recipe: Recipe, spec: HFSpec, reader: Reader, tp: int, rank: int
 
 
 def to_hf_state_dict(
-    sd: dict[str, torch.Tensor], spec: HFSpec, scalar: bool, drop_head_bias: bool = False
+    sd: dict[str, torch.Tensor], spec: HFSpec, scalar: bool, drop_head_bias: bool = False, check_values: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Full (TP1PP1, global-name) megatron state dict -> HF state dict for ``spec`` (vocab padding stripped)."""
+    """Full (TP1PP1, global-name) megatron state dict -> HF state dict for ``spec`` (vocab padding stripped). Works
+    on any subset of the parameters (each HF tensor comes from one of them) and on meta tensors with
+    ``check_values=False`` (names and shapes only)."""
     table = recipes(spec, scalar)
     unknown = sorted(set(sd) - set(table))
     if unknown:
@@ -256,7 +258,7 @@ def to_hf_state_dict(
             values = (tensor,)
         for piece, value in zip(recipe.pieces, values):
             if piece.optional:
-                if bool(value.any()) and not drop_head_bias:
+                if check_values and bool(value.any()) and not drop_head_bias:
                     raise ConversionError(
                         f"mrlhf parameter {name} is nonzero ({value.flatten()[:4].tolist()}) but HF's {piece.key} does "
                         f"not exist; pass --drop-head-bias to export without it (a reward shift)"

@@ -1,7 +1,8 @@
 """Offline TP/PP resharding of an mrlhf checkpoint, and a read-only inspector.
 
-Resharding forks the *target* layout's ranks; each builds its stage of every saved role, loads it
-(dist_checkpointing reshards on load, bit-exactly) and all save again at the new layout. Only model weights move:
+Resharding forks the *target* layout's ranks; each builds its stage of every saved role on the meta device and
+saves it at the new layout, each shard read from the source as the box of the global tensor it covers when the
+writer asks for it (``streaming``: one shard in memory at a time, bit-exact copies). Only model weights move:
 optimizer state is per rank and tied to the layout it was saved at (ZeRO shards, TP-sharded moments), so it is
 not carried -- a resharded checkpoint starts a new run (``checkpoint.load_dir``), it does not resume one.
 """
@@ -15,12 +16,12 @@ from typing import Any
 import torch
 from megatron.core import parallel_state as ps
 
-from mrlhf.checkpoint import load_model, read_meta, save_checkpoint
+from mrlhf.checkpoint import read_meta, save_checkpoint
 from mrlhf.config import config_from_dict
 from mrlhf.convert.export_hf import checkpoint_config, real_vocab, role_kind
 from mrlhf.convert.runtime import TOKENIZER_DIR, atomic_output, patch_meta, resolve_checkpoint, run_ranks
+from mrlhf.convert.streaming import ChunkReader, LazySaveStrategy, meta_role_model
 from mrlhf.errors import ConfigError, ConversionError
-from mrlhf.models.roles import RoleModel
 
 
 def reshard_checkpoint(ckpt: str, out: str, tp: int, pp: int) -> dict[str, Any]:
@@ -52,21 +53,22 @@ def reshard_checkpoint(ckpt: str, out: str, tp: int, pp: int) -> dict[str, Any]:
 
 
 def _reshard_rank(rank: int, cfg_dict: dict, path: str, meta: dict, vocab: int, save_dir: str) -> str:
+    """One target rank: every role's stage on the meta device; at save time each shard is read as the box of the
+    saved global tensor it covers (``streaming.ChunkReader``), one at a time."""
     from mrlhf.parallel.state import init_distributed
 
     cfg = config_from_dict(cfg_dict)
     init_distributed(cfg)
-    dtype = cfg.to_transformer_config().params_dtype
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    models = {}
+    models, strategies = {}, {}
     for role in meta["roles"]:
-        kind = role_kind(role)
-        models[role] = RoleModel(cfg, kind, vocab, first, last).to(dtype)
-        load_model(path, kind, models[role], source_role=role)
+        models[role] = meta_role_model(cfg, role_kind(role), vocab, first, last)
+        strategies[role] = LazySaveStrategy(ChunkReader(os.path.join(path, role)).read_shard)
     train_state = meta.get("train_state") or {"step": meta["step"], "consumed_samples": 0, "extra": {}}
     return save_checkpoint(
-        save_dir, meta["step"], models, {}, train_state, cfg.to_dict(), meta.get("tokenizer_hash", "")
-    )
+        save_dir, meta["step"], models, {}, train_state, cfg.to_dict(), meta.get("tokenizer_hash", ""),
+        sharded_strategy=strategies,
+    )  # fmt: skip
 
 
 def inspect_checkpoint(ckpt: str) -> str:

@@ -49,6 +49,7 @@ def _child(fn: Callable, rank: int, world: int, port: int, results, args: tuple)
     import torch
 
     torch.set_num_threads(1)  # never enter an OpenMP pool inherited across fork
+    _large_blocks_to_mmap()
     code = 0
     try:
         results.put((rank, "ok", fn(rank, *args)))
@@ -84,6 +85,18 @@ def _own_checkpoint_writer() -> None:
         manager = SyncManager(ctx=mp.get_context("fork"))
         manager.start(_exit_with_parent, (os.getpid(),))
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
+def _large_blocks_to_mmap(threshold: int = 1 << 20) -> None:
+    """Serve blocks of 1 MiB and more from mmap, so a freed tensor goes back to the OS. glibc's default threshold
+    grows to the largest block freed so far, after which every tensor of that size comes from the heap, which a
+    stream of differently sized tensors fragments: peak RSS then creeps up with the number of layers converted."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (setting it also turns off the dynamic adjustment)
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -3,7 +3,7 @@
 :class:`WeightReader` learns names, shapes and dtypes from file headers only. Tensors are read on demand, and
 only the requested slice (``safe_open(...).get_slice``); each safetensors file is opened for one read and closed
 right after, so no file stays memory-mapped and a rank's peak memory is its own shard plus the tensor being read,
-not the checkpoint. Pickled ``.bin`` files load only through ``torch.load(weights_only=True)``: a pickle that
+not the checkpoint. :class:`SafetensorsWriter` writes the other way, tensor by tensor. Pickled ``.bin`` files load only through ``torch.load(weights_only=True)``: a pickle that
 carries code is refused, never executed.
 """
 
@@ -159,29 +159,78 @@ def parse_size(text: str) -> int:
     return size
 
 
-def save_sharded(sd: dict[str, torch.Tensor], out_dir: str, max_bytes: int) -> list[str]:
-    """Write ``sd`` as ``model.safetensors``, or as ``model-0000i-of-0000n.safetensors`` shards of at most
-    ``max_bytes`` each (a bigger tensor gets a shard of its own) plus ``model.safetensors.index.json``."""
-    from safetensors.torch import save_file
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+
+class SafetensorsWriter:
+    """Size-sharded safetensors written tensor by tensor, so a writer holds one tensor, not a shard.
+
+    Shards and headers are planned up front from (name, shape, dtype): ``model.safetensors``, or
+    ``model-0000i-of-0000n.safetensors`` shards of at most ``max_bytes`` each (a bigger tensor gets a shard of its
+    own) plus ``model.safetensors.index.json``. Each :meth:`write` puts a tensor's bytes at its planned place;
+    :meth:`close` checks every tensor was written. The files are the format ``safetensors.torch.save_file`` writes
+    (little-endian header length, JSON header padded to 8 bytes, tensors back to back).
+    """
+
+    def __init__(self, out_dir: str, entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> None:
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for key, shape, dtype in entries:
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((key, tuple(shape), dtype, nbytes))
+            size += nbytes
+        single = len(shards) == 1
+        self.names = (
+            [SAFE] if single else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        self.out_dir, self.places, self.files, self.pending = out_dir, {}, [], set()
+        self.total = 0
+        for name, shard in zip(self.names, shards):
+            header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+            begin = 0
+            for key, shape, dtype, nbytes in shard:
+                header[key] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
+                begin += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            f = open(os.path.join(out_dir, name), "wb+")  # noqa: SIM115 - closed in close()
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + begin)
+            self.files.append(f)
+            for key, shape, dtype, _ in shard:
+                start = 8 + len(raw) + header[key]["data_offsets"][0]  # type: ignore[index]
+                self.places[key] = (f, start, shape, dtype, name)
+                self.pending.add(key)
+            self.total += begin
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        f, start, shape, dtype, _ = self.places[key]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ConversionError(f"{key}: writing {list(tensor.shape)} {tensor.dtype}, planned {list(shape)} {dtype}")
+        f.seek(start)
+        f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.pending.discard(key)
+
+    def close(self) -> list[str]:
+        """Close the files, write the index of a sharded checkpoint; returns the file names written."""
+        for f in self.files:
+            f.close()
+        if self.pending:
+            raise ConversionError(f"{self.out_dir}: tensors planned but never written: {sorted(self.pending)[:5]}")
+        if len(self.names) == 1:
+            return list(self.names)
+        weight_map = {key: place[4] for key, place in self.places.items()}
+        with open(os.path.join(self.out_dir, SAFE_INDEX), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+        return self.names + [SAFE_INDEX]
+
+
+def save_sharded(sd: dict[str, torch.Tensor], out_dir: str, max_bytes: int) -> list[str]:
+    """Write ``sd`` through :class:`SafetensorsWriter` (same shard naming); returns the file names."""
+    writer = SafetensorsWriter(out_dir, [(k, tuple(t.shape), t.dtype) for k, t in sd.items()], max_bytes)
     for key, t in sd.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, SAFE), metadata={"format": "pt"})
-        return [SAFE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-        weight_map |= {key: name for key in shard}
-    total = sum(t.numel() * t.element_size() for t in sd.values())
-    with open(os.path.join(out_dir, SAFE_INDEX), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return names + [SAFE_INDEX]
+        writer.write(key, t)
+    return writer.close()
