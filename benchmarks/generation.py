@@ -1,6 +1,6 @@
 """Generation benchmarks, each a comparison in one run (CPU by default; CUDA when available and --device cuda).
 
-(a) incremental decoding over the KV cache vs full recompute (no cache), tokens/s at several lengths;
+(a) incremental decoding over the KV cache vs full recompute (no cache), tokens/s at several lengths, batch 4 and 16;
 (b) mrlhf vs HF transformers ``generate`` (KV cache on) on the same weights, greedy, batch 16, prompt 32;
 (c) pipeline busy fraction per stage at PP=2 and PP=4 on gloo: S >= PP interleaved slots (S = PP, and PP + 1 for one
     tick of slack) vs one microbatch walking the pipeline (S = 1).
@@ -60,20 +60,25 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def part_a(lengths: list[int], batch: int) -> None:
+def part_a(lengths: list[int], batches: list[int]) -> None:
     from mrlhf.generation.generate import GenerationConfig, Generator, generate_full_recompute
     from mrlhf.generation.sampling import SamplingParams
 
     cfg, ctx, model = build([])
-    print(f"\n(a) incremental (KV cache) vs full recompute, greedy, batch {batch}, prompt 32")
-    print(f"{'new tokens':>10} {'cache tok/s':>12} {'recompute tok/s':>16} {'speed-up':>9} {'same tokens':>12}")
-    for n in lengths:
-        gen = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch)
+    print("\n(a) incremental (KV cache) vs full recompute, greedy, prompt 32 (one untimed warm-up call each)")
+    print(f"{'batch':>5} {'new tokens':>10} {'cache tok/s':>12} {'recompute tok/s':>16} {'speed-up':>9} {'same tokens':>12}")
+    for batch in batches:
         ps = prompts(batch)
-        fast, t_fast = timed(lambda g=gen, p=ps: Generator(model, g, pad_id=0).generate(p))
-        slow, t_slow = timed(lambda g=gen, p=ps: generate_full_recompute(model, p, g, pad_id=0))
-        toks = batch * n
-        print(f"{n:>10} {toks / t_fast:>12.0f} {toks / t_slow:>16.0f} {t_slow / t_fast:>8.1f}x {str(fast.tokens == slow.tokens):>12}")
+        warm = GenerationConfig(max_new_tokens=4, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch)
+        Generator(model, warm, pad_id=0).generate(ps)
+        generate_full_recompute(model, ps, warm, pad_id=0)
+        for n in lengths:
+            gen = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch)
+            fast, t_fast = timed(lambda g=gen, p=ps: Generator(model, g, pad_id=0).generate(p))
+            slow, t_slow = timed(lambda g=gen, p=ps: generate_full_recompute(model, p, g, pad_id=0))
+            toks = batch * n
+            print(f"{batch:>5} {n:>10} {toks / t_fast:>12.0f} {toks / t_slow:>16.0f} {t_slow / t_fast:>8.1f}x "
+                  f"{str(fast.tokens == slow.tokens):>12}")  # fmt: skip
 
 
 def part_b(lengths: list[int], batch: int) -> None:
@@ -92,21 +97,30 @@ def part_b(lengths: list[int], batch: int) -> None:
     hf.eval()
     ps = prompts(batch)
     ids = torch.tensor(ps)
-    print(f"\n(b) mrlhf vs HF transformers {transformers.__version__} generate (use_cache=True), greedy, batch {batch}, prompt 32")
-    print(f"{'new tokens':>10} {'mrlhf tok/s':>12} {'HF tok/s':>10} {'ratio':>7} {'same tokens':>12}")
-    for n in lengths:
-        gen = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch)
-        ours, t_ours = timed(lambda g=gen: Generator(model, g, pad_id=0).generate(ps))
+
+    def hf_generate(n: int):
         with torch.no_grad():
-            theirs, t_hf = timed(
-                lambda n=n: hf.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                    use_cache=True, pad_token_id=0, eos_token_id=None,
-                )  # fmt: skip
-            )
-        same = theirs[:, 32:].tolist() == ours.tokens
+            return hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                use_cache=True, pad_token_id=0, eos_token_id=None,
+            )  # fmt: skip
+
+    def ours(n: int, fused: bool = True):
+        gen = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch)
+        return Generator(model, gen, pad_id=0, fused_linear=fused).generate(ps)
+
+    hf_generate(4), ours(4), ours(4, False)  # warm-up
+    print(f"\n(b) mrlhf vs HF transformers {transformers.__version__} generate (use_cache=True), greedy, batch {batch}, "
+          f"prompt 32 (one untimed warm-up call each; 'BLAS' = mrlhf with torch.matmul instead of decode_linear)")  # fmt: skip
+    print(f"{'new tokens':>10} {'mrlhf tok/s':>12} {'BLAS tok/s':>11} {'HF tok/s':>10} {'ratio':>7} {'same tokens':>12}")
+    for n in lengths:
+        theirs, t_hf = timed(lambda n=n: hf_generate(n))
+        mine, t_ours = timed(lambda n=n: ours(n))
+        _, t_blas = timed(lambda n=n: ours(n, False))
+        same = theirs[:, 32:].tolist() == mine.tokens
         toks = batch * n
-        print(f"{n:>10} {toks / t_ours:>12.0f} {toks / t_hf:>10.0f} {t_hf / t_ours:>6.2f}x {str(same):>12}")
+        print(f"{n:>10} {toks / t_ours:>12.0f} {toks / t_blas:>11.0f} {toks / t_hf:>10.0f} {t_hf / t_ours:>6.2f}x "
+              f"{str(same):>12}")  # fmt: skip
 
 
 # Part (c) uses 8 layers; the last stage also runs the LM head (vocab 8000 x hidden 256 ~ 2.5 layers of work) and the
@@ -176,7 +190,7 @@ def main() -> None:
     print(f"# generation benchmark  {time.strftime('%Y-%m-%d')}  {platform.machine()}  cores={os.cpu_count()}  "
           f"torch {torch.__version__} threads={torch.get_num_threads()}  kv ops: {describe_backend()}")  # fmt: skip
     if "a" in args.parts:
-        part_a([16, 32] if args.quick else [128, 256, 512], batch=4)
+        part_a([16, 32] if args.quick else [128, 256, 512], batches=[4] if args.quick else [4, 16])
     if "b" in args.parts:
         part_b([16] if args.quick else [64, 256], batch=16)
     if "c" in args.parts:

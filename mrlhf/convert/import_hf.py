@@ -5,7 +5,8 @@ process: architecture and fields, divisibility by the target layout, missing/ext
 ``tp * pp`` ranks are forked; each builds its stage of the RoleModel and fills every parameter with its TP shard,
 reading only those slices of the HF tensors (``hf.local_shard``), and all save through ``save_checkpoint`` -- the
 format the trainers write. The stage is built on the meta device and each parameter is read when the writer asks
-for it (``streaming.LazySaveStrategy``), so a rank holds about one parameter, not its stage. The output appears all at once (``runtime.atomic_output``) or not at all.
+for it (``streaming.LazySaveStrategy``), so a rank holds about one parameter, not its stage. The output appears
+all at once (``runtime.atomic_output``) or not at all.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from mrlhf.generation.sampling import SamplingParams, sample_tokens
 from mrlhf.models.backbone import backbone_forward
 from mrlhf.models.heads import vocab_parallel_logits
 from mrlhf.ops.kv_cache import DecodeState, KVCache, decoding
+from mrlhf.ops.kv_ops import has_decode_linear
 from mrlhf.parallel import comm
 
 IDLE, PREFILL, DECODE, STOP = 0, 1, 2, 3
@@ -75,6 +76,7 @@ class Generator:
         pad_id: int,
         decode_text: Callable[[list[int]], str] | None = None,
         fast_decode: bool = True,
+        fused_linear: bool = True,
     ) -> None:
         self.model, self.gen, self.pad_id, self.decode_text = model, gen, pad_id, decode_text
         self.gpt = model.backbone
@@ -89,6 +91,8 @@ class Generator:
         self.layer_offset = self.gpt.decoder.layers[0].layer_number - 1
         self.rope = getattr(self.gpt, "rotary_pos_emb", None)
         self.fast = fast_decode and supports(self.gpt)
+        # decode-step matmuls (layers and LM head) through mrlhf::decode_linear where it has a kernel (CPU)
+        self.fused = self.fast and fused_linear and has_decode_linear(self.device)
         if gen.stop_strings and decode_text is None:
             raise ValueError("stop strings need decode_text (a tokenizer's decode)")
 
@@ -113,14 +117,18 @@ class Generator:
             positions, mask = pos.view(b, 1), None
         else:
             state = DecodeState(
-                cache=cache, slot=slot_idx, batch=b, layer_offset=self.layer_offset, prefill=True,
+                cache=cache,
+                slot=slot_idx,
+                batch=b,
+                layer_offset=self.layer_offset,
+                prefill=True,
                 write_pos=torch.zeros(b, dtype=torch.long, device=self.device),
             )
             toks, positions, mask = tokens["tokens"], tokens["position_ids"], tokens["attention_mask"]
         if tokens is None and self.fast:
             with torch.no_grad():
                 hidden = self.gpt.embedding(input_ids=toks, position_ids=positions) if self.first else inp
-                return decode_layers(self.gpt, hidden, state)
+                return decode_layers(self.gpt, hidden, state, self.fused)
         with decoding(state), torch.no_grad():
             rope_in_op = tokens is None and self.rope is not None
             hidden = backbone_forward(self.gpt, toks, positions, mask, input_tensor=inp, rope=not rope_in_op)
@@ -283,7 +291,7 @@ class Generator:
 
     def _sample(self, hidden, sl: _Slot, out_tokens, out_logprobs, out_len, out_reason, done) -> torch.Tensor:
         """Last stage: sample token ``sl.produced`` of every sequence, record it, return [2, B] (tokens, done)."""
-        logits = vocab_parallel_logits(self.gpt, hidden[-1:])[0]  # [B, V/tp]
+        logits = vocab_parallel_logits(self.gpt, hidden[-1:], self.fused)[0]  # [B, V/tp]
         vocab_start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
         ids = sl.seq_ids
         toks, lps = sample_tokens(logits, self.gen.sampling, ids.to(logits.device), sl.produced, vocab_start)

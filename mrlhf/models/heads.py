@@ -14,10 +14,17 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 
-def vocab_parallel_logits(gpt, hidden: torch.Tensor) -> torch.Tensor:
-    """[s, b, h] -> this rank's vocabulary slice of the logits [s, b, v/tp], padded entries set to -inf."""
+def vocab_parallel_logits(gpt, hidden: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """[s, b, h] -> this rank's vocabulary slice of the logits [s, b, v/tp], padded entries set to -inf. ``fused``
+    (inference only) multiplies by the output weights with ``kv_ops.decode_linear`` instead of megatron's layer."""
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
-    logits, _ = gpt.output_layer(hidden, weight=weight)
+    if fused:
+        from mrlhf.ops.kv_ops import decode_linear
+
+        layer = gpt.output_layer
+        logits = decode_linear(hidden, layer.weight if weight is None else weight, layer.bias)
+    else:
+        logits, _ = gpt.output_layer(hidden, weight=weight)
     per_rank = logits.shape[-1]
     start = ps.get_tensor_model_parallel_rank() * per_rank
     real = gpt.real_vocab_size

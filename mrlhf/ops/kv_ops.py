@@ -1,7 +1,9 @@
 """KV-cache ops for rollout decoding, and the one place that picks their implementation (STYLE 3 and 9).
 
 ``kv_append`` writes new keys/values into a preallocated cache by position (RoPE on keys on the way in);
-``decode_attention`` attends one new query token per sequence over its cache slots (flash-decoding split-K).
+``decode_attention`` attends one new query token per sequence over its cache slots (flash-decoding split-K);
+``decode_linear`` multiplies the few rows of a decode step by a weight matrix, streaming the weights once (CPU;
+BLAS is built for many rows and reads skinny products' weights at a fraction of the memory bandwidth).
 Each call goes to the compiled ``torch.ops.mrlhf.*`` operator when ``mrlhf._C`` is built and has a kernel for the
 tensors' device, otherwise to the pure-torch twin in ``mrlhf/ops/reference.py``.
 
@@ -58,6 +60,11 @@ if EXT_DEVICES:
     def _kv_append_fake(k_cache, v_cache, k_new, v_new, positions, cos, sin) -> None:
         torch._check(k_new.shape == v_new.shape, lambda: "kv_append: k_new and v_new shapes differ")
 
+    @torch.library.register_fake("mrlhf::decode_linear")
+    def _decode_linear_fake(x, weight, bias) -> torch.Tensor:
+        torch._check(x.dim() == 2, lambda: f"decode_linear: x must be [M, K], got {tuple(x.shape)}")
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
     @torch.library.register_fake("mrlhf::decode_attention")
     def _decode_attention_fake(q, k_cache, v_cache, starts, lengths, cos, sin, scale, num_splits) -> torch.Tensor:
         torch._check(q.dim() == 3, lambda: f"decode_attention: q must be [B, H, D], got {tuple(q.shape)}")
@@ -106,3 +113,25 @@ def decode_attention(
     if q.device.type in EXT_DEVICES:
         return torch.ops.mrlhf.decode_attention(q, k_cache, v_cache, starts, lengths, cos, sin, scale, num_splits)
     return reference.decode_attention(q, k_cache, v_cache, starts, lengths, cos, sin, scale, num_splits)
+
+
+DECODE_LINEAR_MAX_ROWS = 32
+"""Above this many rows BLAS is as fast (measured: parity at 64 rows, see csrc/decode_linear.cpp)."""
+
+
+def has_decode_linear(device: torch.device) -> bool:
+    """Whether :func:`decode_linear` runs the compiled kernel for tensors on ``device`` (the CPU kernel only)."""
+    return device.type == "cpu" and "cpu" in EXT_DEVICES
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T (+ bias) -> [..., N], accumulated in fp32. The compiled CPU kernel serves up to
+    :data:`DECODE_LINEAR_MAX_ROWS` rows; larger inputs and other devices use ``torch.nn.functional.linear`` (cuBLAS
+    streams skinny products well on GPUs). Results agree with a matmul to fp32 rounding, not bit for bit."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows <= DECODE_LINEAR_MAX_ROWS and has_decode_linear(x.device) and x.dtype == weight.dtype:
+        out = torch.ops.mrlhf.decode_linear(
+            x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
+        )
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight, bias)

@@ -79,3 +79,9 @@ def decode_attention(
     probs = torch.where(valid.any(-1)[:, None, None, None], probs, 0.0)  # an empty range gives NaN -> zeros
     out = torch.einsum("bgrl,blgd->bgrd", probs, v_cache.float())
     return out.reshape(B, H, D).to(q.dtype)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]: fp32 math, one rounding to x's dtype."""
+    out = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return out.to(x.dtype)

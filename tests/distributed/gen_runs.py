@@ -31,7 +31,14 @@ def generate_rank(rank: int, layout: dict[str, int], flavour: str, sampling: dic
         stop_strings=tuple(extra.get("stop_strings", ())),
     )
     ps_ = prompts(extra.get("n", 7))
-    out = Generator(model, gen, pad_id=0, decode_text=letters, fast_decode=extra.get("fast", True)).generate(ps_)
+    out = Generator(
+        model,
+        gen,
+        pad_id=0,
+        decode_text=letters,
+        fast_decode=extra.get("fast", True),
+        fused_linear=extra.get("fused", True),
+    ).generate(ps_)
     result = {"tokens": out.tokens, "logprobs": out.logprobs, "reasons": out.finish_reasons, "stats": out.stats}
     if extra.get("reference"):
         ref = generate_full_recompute(model, ps_, gen, pad_id=0)

@@ -95,9 +95,15 @@ def test_stop_strings_end_a_sequence_where_the_text_first_contains_them():
 
 @pytest.mark.parametrize("flavour", ["llama", "gpt2"])
 def test_fast_decode_path_equals_module_path(flavour):
-    """The lean decode step does megatron's math in megatron's order: identical tokens and log-probs."""
+    """The lean decode step does megatron's math in megatron's order: identical tokens and log-probs. With the
+    decode matmuls in mrlhf::decode_linear (the default on CPU) they agree to fp32 rounding: same tokens, log-probs
+    within 1e-5."""
     for layout, world in (({}, 1), ({"tp": 2}, 2)):
-        fast = run_ranks(generate_rank, world, layout, flavour, SAMPLED, {"max_new_tokens": 12})
+        lean = run_ranks(generate_rank, world, layout, flavour, SAMPLED, {"max_new_tokens": 12, "fused": False})
         slow = run_ranks(generate_rank, world, layout, flavour, SAMPLED, {"max_new_tokens": 12, "fast": False})
-        assert fast[0]["tokens"] == slow[0]["tokens"]
-        assert fast[0]["logprobs"] == slow[0]["logprobs"]
+        fused = run_ranks(generate_rank, world, layout, flavour, SAMPLED, {"max_new_tokens": 12})
+        assert lean[0]["tokens"] == slow[0]["tokens"]
+        assert lean[0]["logprobs"] == slow[0]["logprobs"]
+        assert fused[0]["tokens"] == slow[0]["tokens"]
+        flat = [(a, b) for x, y in zip(fused[0]["logprobs"], slow[0]["logprobs"]) for a, b in zip(x, y)]
+        assert flat and max(abs(a - b) for a, b in flat) <= 1e-5

@@ -1,0 +1,92 @@
+"""mrlhf::decode_linear (the CPU kernel for the few-row matmuls of a decode step) against its torch twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrlhf.ops import kv_ops, reference
+
+needs_ext = pytest.mark.skipif("cpu" not in kv_ops.EXT_DEVICES, reason=f"mrlhf._C not in use: {kv_ops.BACKEND}")
+pytestmark = needs_ext
+
+# (M, N, K): 1..33 rows (the kernel's 4-row blocks and their tails), odd N (the last unpaired weight row), K not a
+# multiple of 8 (the scalar tail), the shapes of the benchmark model, and an LM head.
+SHAPES = [(1, 8, 8), (3, 7, 13), (4, 768, 256), (5, 33, 40), (16, 1024, 256), (16, 256, 1024), (17, 61, 200),
+          (33, 9, 64), (2, 8000, 64), (8, 5, 1)]  # fmt: skip
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def case(shape, dtype, seed=0, bias=True):
+    m, n, k = shape
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(m, k, generator=g) * 2 - 1).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_matches_reference(shape, dtype, bias):
+    x, w, b = case(shape, dtype, seed=sum(shape), bias=bias)
+    got = torch.ops.mrlhf.decode_linear(x, w, b)
+    want = reference.decode_linear(x, w, b)
+    assert got.dtype == dtype and got.shape == want.shape
+    err = (got.float() - want.float()).abs().max().item()
+    # outputs are O(1): absolute tolerance is relative; bf16/fp16 may differ by one ulp of the output
+    assert err <= TOL[dtype], (shape, dtype, err)
+
+
+def test_fp32_agrees_with_float64_better_than_blas_or_equal():
+    """Accumulation is fp32 like BLAS; its error against a float64 product is of the same order (not a lossy path)."""
+    x, w, b = case((16, 8000, 256), torch.float32, seed=1)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    ours = (torch.ops.mrlhf.decode_linear(x, w, b).double() - exact).abs().max().item()
+    blas = (torch.nn.functional.linear(x, w, b).double() - exact).abs().max().item()
+    assert ours <= max(2 * blas, 1e-6), (ours, blas)
+
+
+def test_every_output_written_once():
+    """No element left unwritten or written from a neighbour's row: ones-vectors make each output a known sum."""
+    for m, n, k in [(5, 9, 11), (4, 2, 16), (7, 1, 3), (1, 3, 64)]:
+        x = torch.arange(1, m + 1, dtype=torch.float32)[:, None].expand(m, k).contiguous()
+        w = torch.arange(1, n + 1, dtype=torch.float32)[:, None].expand(n, k).contiguous()
+        b = torch.arange(n, dtype=torch.float32) * 1000
+        want = torch.outer(torch.arange(1, m + 1.0), torch.arange(1, n + 1.0)) * k + b
+        assert torch.equal(torch.ops.mrlhf.decode_linear(x, w, b), want)
+
+
+def test_opcheck():
+    for shape, bias in [((3, 7, 13), True), ((4, 16, 32), False)]:
+        torch.library.opcheck(torch.ops.mrlhf.decode_linear.default, case(shape, torch.float32, bias=bias))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w, b = case((2, 4, 8), torch.float32)
+    with pytest.raises(RuntimeError, match=r"weight must be \[N, 8\]"):
+        torch.ops.mrlhf.decode_linear(x, w[:, :4].contiguous(), b)
+    with pytest.raises(RuntimeError, match="differs from x"):
+        torch.ops.mrlhf.decode_linear(x, w.double(), b)
+    with pytest.raises(RuntimeError, match=r"bias must be \[4\]"):
+        torch.ops.mrlhf.decode_linear(x, w, b[:3].contiguous())
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.mrlhf.decode_linear(x, w.t().contiguous().t(), b)
+    with pytest.raises(RuntimeError, match=r"x must be \[M, K\]"):
+        torch.ops.mrlhf.decode_linear(x[None], w, b)
+
+
+def test_wrapper_shapes_rows_and_fallback():
+    """kv_ops.decode_linear takes [..., K]; above DECODE_LINEAR_MAX_ROWS rows and for non-contiguous inputs it still
+    gives the matmul's answer; the fake impl gives the shape."""
+    x, w, b = case((6, 10, 24), torch.float32)
+    out = kv_ops.decode_linear(x.view(1, 6, 24), w, b)
+    assert out.shape == (1, 6, 10)
+    torch.testing.assert_close(out[0], reference.decode_linear(x, w, b), atol=1e-5, rtol=0)
+    big, _, _ = case((kv_ops.DECODE_LINEAR_MAX_ROWS + 1, 10, 24), torch.float32)
+    assert torch.equal(kv_ops.decode_linear(big, w, b), torch.nn.functional.linear(big, w, b))
+    strided = torch.randn(24, 6).t()
+    torch.testing.assert_close(kv_ops.decode_linear(strided, w), strided @ w.t(), atol=1e-5, rtol=0)
+    with torch.device("meta"):
+        assert torch.ops.mrlhf.decode_linear(torch.empty(3, 24), torch.empty(10, 24), None).shape == (3, 10)
