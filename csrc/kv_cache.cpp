@@ -141,6 +141,115 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// Tile helpers of decode_attention: scores of a tile of slots, their exponentials, and acc += sum_t p[t] * v[t].
+// The AVX2/FMA versions are chosen at run time; exp is Cephes' expf polynomial (relative error ~2e-7), the same
+// on every path so results do not depend on the machine beyond FMA rounding.
+static inline float exp_poly(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.f;
+  return std::ldexp(y, static_cast<int>(fx));
+}
+
+static void tile_scores_portable(const float* q, const float* const* k, int64_t T, int64_t D, float* s) {
+  for (int64_t t = 0; t < T; ++t) s[t] = dot(q, k[t], D);
+}
+static void tile_exp_portable(float* s, int64_t T, float m) {
+  for (int64_t t = 0; t < T; ++t) s[t] = exp_poly(s[t] - m);
+}
+static void tile_axpy_portable(const float* p, const float* const* v, int64_t T, int64_t D, float* acc) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * v[t][d];
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MRLHF_TILE_X86 1
+#include <immintrin.h>
+#define MRLHF_AVX2 __attribute__((target("avx2,fma")))
+MRLHF_AVX2 static inline float hsum8(__m256 v) {
+  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 0x55)));
+}
+MRLHF_AVX2 static void tile_scores_avx2(const float* q, const float* const* k, int64_t T, int64_t D, float* s) {
+  const int64_t D8 = D - D % 8;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* kr = k[t];
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t d = 0;
+    for (; d + 16 <= D8; d += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(kr + d + 8), a1);
+    }
+    for (; d < D8; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a0);
+    float sum = hsum8(_mm256_add_ps(a0, a1));
+    for (; d < D; ++d) sum += q[d] * kr[d];
+    s[t] = sum;
+  }
+}
+MRLHF_AVX2 static void tile_exp_avx2(float* s, int64_t T, float m) {
+  const __m256 hi = _mm256_set1_ps(88.3f), lo = _mm256_set1_ps(-87.3f), mv = _mm256_set1_ps(m);
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8) {
+    __m256 x = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv), lo), hi);
+    const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    _mm256_storeu_ps(s + t, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+  }
+  for (; t < T; ++t) s[t] = exp_poly(s[t] - m);
+}
+MRLHF_AVX2 static void tile_axpy_avx2(const float* p, const float* const* v, int64_t T, int64_t D, float* acc) {
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    __m256 a = _mm256_loadu_ps(acc + d);
+    for (int64_t t = 0; t < T; ++t) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v[t] + d), a);
+    _mm256_storeu_ps(acc + d, a);
+  }
+  for (; d < D; ++d)
+    for (int64_t t = 0; t < T; ++t) acc[d] += p[t] * v[t][d];
+}
+static bool tile_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+static inline void tile_scores(const float* q, const float* const* k, int64_t T, int64_t D, float* s) {
+#ifdef MRLHF_TILE_X86
+  if (tile_avx2()) return tile_scores_avx2(q, k, T, D, s);
+#endif
+  tile_scores_portable(q, k, T, D, s);
+}
+static inline void tile_exp(float* s, int64_t T, float m) {
+#ifdef MRLHF_TILE_X86
+  if (tile_avx2()) return tile_exp_avx2(s, T, m);
+#endif
+  tile_exp_portable(s, T, m);
+}
+static inline void tile_axpy(const float* p, const float* const* v, int64_t T, int64_t D, float* acc) {
+#ifdef MRLHF_TILE_X86
+  if (tile_avx2()) return tile_axpy_avx2(p, v, T, D, acc);
+#endif
+  tile_axpy_portable(p, v, T, D, acc);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // kv_append
 // ---------------------------------------------------------------------------------------------------------
@@ -204,6 +313,8 @@ static int64_t auto_splits(int64_t B, int64_t max_len) {
   return std::clamp<int64_t>(std::min(want, max_len / 128), 1, 64);
 }
 
+constexpr int64_t kTile = 32;  // slots per softmax tile in decode_attention
+
 template <typename scalar_t>
 static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const std::vector<int64_t>& lo, const std::vector<int64_t>& hi,
@@ -230,7 +341,8 @@ static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const 
   // G * D elements between rows, which defeats the prefetcher). Each row is converted to fp32 once and used by
   // the R query heads that share it.
   at::parallel_for(0, B * S, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), kbuf(D), vbuf(D);
+    std::vector<float> qf(H * D), kbuf(kTile * D), vbuf(kTile * D), p(kTile);
+    std::vector<const float*> krows(kTile), vrows(kTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / S, s = task % S;
       const int64_t chunk = (hi[b] - lo[b] + S - 1) / S;
@@ -248,24 +360,32 @@ static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const 
         l[h * S] = 0.f;
         std::fill_n(acc0 + h * S * D, D, 0.f);
       }
-      for (int64_t j = j0; j < j1; ++j) {
+      // Tiles of kTile slots: per kv head, convert the tile's rows to fp32 once (bf16/fp16), then for each query
+      // head of the group: scores, one max, exponentials, and acc += p . V -- the online softmax per tile.
+      for (int64_t j = j0; j < j1; j += kTile) {
+        const int64_t T = std::min(kTile, j1 - j);
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t off = ((b * L + j) * G + g) * D;
-          const float* kf = as_float(kc + off, kbuf.data(), D);
-          const float* vf = as_float(vc + off, vbuf.data(), D);
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t off = ((b * L + j + t) * G + g) * D;
+            krows[t] = as_float(kc + off, kbuf.data() + t * D, D);
+            vrows[t] = as_float(vc + off, vbuf.data() + t * D, D);
+          }
           for (int64_t h = g * R; h < (g + 1) * R; ++h) {  // GQA: query heads g*R .. g*R+R-1 read kv head g
             float* acc = acc0 + h * S * D;
-            const float score = dot(qf.data() + h * D, kf, D);
-            // Online softmax: rescale the running sums only when the max moves.
-            if (score > m[h * S]) {
-              const float alpha = std::exp(m[h * S] - score);  // exp(-inf) = 0 on the first slot
+            tile_scores(qf.data() + h * D, krows.data(), T, D, p.data());
+            const float tmax = *std::max_element(p.begin(), p.begin() + T);
+            const float m_new = std::max(m[h * S], tmax);
+            if (m_new > m[h * S]) {  // rescale the running sums only when the max moves; exp(-inf) = 0 at first
+              const float alpha = m[h * S] == -std::numeric_limits<float>::infinity() ? 0.f : exp_poly(m[h * S] - m_new);
               l[h * S] *= alpha;
               for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
-              m[h * S] = score;
+              m[h * S] = m_new;
             }
-            const float p = std::exp(score - m[h * S]);
-            l[h * S] += p;
-            for (int64_t d = 0; d < D; ++d) acc[d] += p * vf[d];
+            tile_exp(p.data(), T, m_new);
+            float sum = 0.f;
+            for (int64_t t = 0; t < T; ++t) sum += p[t];
+            l[h * S] += sum;
+            tile_axpy(p.data(), vrows.data(), T, D, acc);
           }
         }
       }
