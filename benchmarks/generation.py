@@ -150,7 +150,8 @@ def worker_c(out: str, slots: int, new_tokens: int, batch: int, n_prompts: int) 
 def part_c(pps: list[int], new_tokens: int) -> None:
     print(f"\n(c) pipeline busy fraction per stage (gloo, 1 thread per rank), 8 layers, {new_tokens} new tokens, "
           "96 prompts in microbatches of 16")  # fmt: skip
-    print(f"{'PP':>3} {'schedule':>12} {'tok/s':>8} {'stage busy fractions':>30} {'mean':>6}")
+    print(f"{'PP':>3} {'schedule':>12} {'tok/s':>8} {'stage busy fractions':>30} {'mean':>6} "
+          f"{'waiting in send/recv':>26}")  # fmt: skip
     for pp in pps:
         rows = {}
         for name, slots in ((f"S={pp + 1}", pp + 1), (f"S={pp}", pp), ("naive S=1", 1)):
@@ -168,8 +169,9 @@ def part_c(pps: list[int], new_tokens: int) -> None:
             frac = st["stage_busy_fraction"]
             rows[name] = r["tokens"]
             toks = sum(len(t) for t in r["tokens"])
+            wait = " ".join(f"{x:.2f}" for x in st["stage_comm_fraction"])
             print(f"{pp:>3} {name:>12} {toks / st['wall_s']:>8.0f} {' '.join(f'{x:.2f}' for x in frac):>30} "
-                  f"{sum(frac) / len(frac):>6.2f}")  # fmt: skip
+                  f"{sum(frac) / len(frac):>6.2f} {wait:>26}")  # fmt: skip
         assert rows[f"S={pp}"] == rows["naive S=1"] == rows[f"S={pp + 1}"], "every schedule must generate the same tokens"
 
 

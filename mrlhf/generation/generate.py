@@ -134,35 +134,67 @@ class Generator:
             hidden = backbone_forward(self.gpt, toks, positions, mask, input_tensor=inp, rope=not rope_in_op)
         return hidden
 
-    # -- the ring -------------------------------------------------------------------------------------------------
-
     # -- the ring: asynchronous sends, blocking receives, FIFO per link -------------------------------------------
+    #
+    # Every message is one frame: the 8-int64 header, then a payload region of a fixed size per link (a full decode
+    # microbatch: hidden states [1, rows, h] towards later stages, [2, rows] tokens/done flags back to the first).
+    # One frame per tick halves the messages of a header-then-payload protocol; only a prefill's hidden states,
+    # which do not fit, follow their frame as a second message.
+
+    HEADER_BYTES = 64
+
+    def _frame_bytes(self, to_first: bool) -> int:
+        """Payload region of frames sent towards the first stage (tokens) or towards a later stage (hidden)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self._rows * 8 if to_first else self._rows * self.hidden * elem
 
     def _send(self, header: torch.Tensor, payload: torch.Tensor | None) -> None:
         """Post (header, payload) to the next stage; wait for this stage's previous sends first (buffer lifetime)."""
         if self.pp == 1:
             self._loop.append((header, payload))
             return
+        start = time.perf_counter()
         for work in self._pending_sends:
             work.wait()
+        self._comm_s += time.perf_counter() - start
         nxt = ps.get_pipeline_model_parallel_next_rank()
         group = ps.get_pipeline_model_parallel_group()
-        self._pending_sends = [dist.isend(header, nxt, group=group)]
-        if payload is not None:
+        room = self._frame_bytes(to_first=self.last)
+        frame = torch.zeros(self.HEADER_BYTES + room, dtype=torch.uint8, device=self.device)
+        frame[: self.HEADER_BYTES] = header.to(self.device).view(torch.uint8)
+        raw = None if payload is None else payload.contiguous().view(-1).view(torch.uint8)
+        inline = raw is not None and raw.numel() <= room
+        if inline:
+            frame[self.HEADER_BYTES : self.HEADER_BYTES + raw.numel()] = raw
+        self._pending_sends = [dist.isend(frame, nxt, group=group)]
+        if raw is not None and not inline:
             self._pending_sends.append(dist.isend(payload.contiguous(), nxt, group=group))
 
     def _recv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The previous stage's next message (blocks until it arrives)."""
+        """The previous stage's next message (blocks until it arrives; the wait is counted in ``_comm_s``)."""
         if self.pp == 1:
             return self._loop.pop(0)
+        start = time.perf_counter()
+        try:
+            return self._recv_message()
+        finally:
+            self._comm_s += time.perf_counter() - start
+
+    def _recv_message(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         prv = ps.get_pipeline_model_parallel_prev_rank()
         group = ps.get_pipeline_model_parallel_group()
-        header = torch.empty(8, dtype=torch.long)
-        dist.irecv(header, prv, group=group).wait()
+        room = self._frame_bytes(to_first=self.first)
+        frame = torch.empty(self.HEADER_BYTES + room, dtype=torch.uint8, device=self.device)
+        dist.irecv(frame, prv, group=group).wait()
+        header = frame[: self.HEADER_BYTES].view(torch.long).cpu()
         spec = self._payload_spec(header)
         if spec is None:
             return header, None
-        buf = torch.empty(spec[0], dtype=spec[1], device=self.device)
+        shape, dtype = spec
+        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        if nbytes <= room:  # each frame has its own buffer: the payload may outlive the next receive
+            return header, frame[self.HEADER_BYTES : self.HEADER_BYTES + nbytes].view(dtype).view(shape)
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
         dist.irecv(buf, prv, group=group).wait()
         return header, buf
 
@@ -188,6 +220,7 @@ class Generator:
             batch["dummy"] = torch.zeros((batch["tokens"].shape[0], 1), dtype=torch.long, device=self.device)
             mbs.append(batch)
         num_slots = g.num_slots or self.pp  # fewer than pp is allowed (the naive schedule, for benchmarks)
+        self._rows = min(mb_size, max(len(prompts), 1))  # the largest microbatch: sizes the ring's frames
         width = max((m["tokens"].shape[1] for m in mbs), default=1)
         cache = KVCache(
             len(self.gpt.decoder.layers), num_slots, min(mb_size, max(len(prompts), 1)), width + g.max_new_tokens,
@@ -204,7 +237,7 @@ class Generator:
         pending: dict[int, torch.Tensor] = {}  # first stage: slot -> next input tokens
         waiting = deque(range(len(mbs)))
         self._loop, self._pending_sends = [], []
-        tick, stop_sent, busy_time = 0, False, 0.0
+        tick, stop_sent, busy_time, self._comm_s = 0, False, 0.0, 0.0
         t0 = time.perf_counter()
         while True:
             # 1. what this stage works on now: the first stage decides, the others take the next message
@@ -268,11 +301,12 @@ class Generator:
         logprobs = [out_logprobs[i, : out_len[i]].tolist() for i in range(n)]
         stats = {"wall_s": wall, "busy_s": busy_time, "busy_fraction": busy_time / max(wall, 1e-9), "ticks": tick,
                  "kv_cache_bytes": kv_bytes}  # fmt: skip
-        if self.pp > 1:  # every stage's busy fraction, for the pipeline benchmark
-            frac = torch.zeros(self.pp, dtype=torch.float64)
-            frac[self.pp_rank] = stats["busy_fraction"]
+        if self.pp > 1:  # every stage's busy and waiting fractions, for the pipeline benchmark
+            frac = torch.zeros(2, self.pp, dtype=torch.float64)
+            frac[0, self.pp_rank] = stats["busy_fraction"]
+            frac[1, self.pp_rank] = self._comm_s / max(wall, 1e-9)
             comm.all_reduce_pp(frac)
-            stats["stage_busy_fraction"] = frac.tolist()
+            stats["stage_busy_fraction"], stats["stage_comm_fraction"] = frac.tolist()
         return GenerationOutput(tokens, logprobs, [REASONS[int(r)] for r in out_reason], stats)
 
     def _decide(self, s: int, slots, pending, waiting, mbs) -> torch.Tensor:
