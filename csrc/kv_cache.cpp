@@ -364,6 +364,18 @@ static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const 
       // head of the group: scores, one max, exponentials, and acc += p . V -- the online softmax per tile.
       for (int64_t j = j0; j < j1; j += kTile) {
         const int64_t T = std::min(kTile, j1 - j);
+        // Cold caches (the common case: a step's weights evict them) stream at a fraction of the bandwidth unless
+        // the next tile's K/V rows are requested ahead; each slot's row is G * D contiguous elements.
+        const int64_t next = std::min(kTile, j1 - j - T);
+        const int64_t row_bytes = G * D * static_cast<int64_t>(sizeof(scalar_t));
+        for (int64_t t = 0; t < next; ++t) {
+          const char* kr = reinterpret_cast<const char*>(kc + (b * L + j + T + t) * G * D);
+          const char* vr = reinterpret_cast<const char*>(vc + (b * L + j + T + t) * G * D);
+          for (int64_t off = 0; off < row_bytes; off += 64) {
+            __builtin_prefetch(kr + off);
+            __builtin_prefetch(vr + off);
+          }
+        }
         for (int64_t g = 0; g < G; ++g) {
           for (int64_t t = 0; t < T; ++t) {
             const int64_t off = ((b * L + j + t) * G + g) * D;
