@@ -365,12 +365,13 @@ static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const 
       for (int64_t j = j0; j < j1; j += kTile) {
         const int64_t T = std::min(kTile, j1 - j);
         // Cold caches (the common case: a step's weights evict them) stream at a fraction of the bandwidth unless
-        // the next tile's K/V rows are requested ahead; each slot's row is G * D contiguous elements.
-        const int64_t next = std::min(kTile, j1 - j - T);
+        // the K/V rows up to two tiles ahead are requested early (each slot's row is G * D contiguous elements).
+        const int64_t from = j == j0 ? j + T : std::min(j + T + kTile, j1);
+        const int64_t upto = std::min(j + T + 2 * kTile, j1);
         const int64_t row_bytes = G * D * static_cast<int64_t>(sizeof(scalar_t));
-        for (int64_t t = 0; t < next; ++t) {
-          const char* kr = reinterpret_cast<const char*>(kc + (b * L + j + T + t) * G * D);
-          const char* vr = reinterpret_cast<const char*>(vc + (b * L + j + T + t) * G * D);
+        for (int64_t jj = from; jj < upto; ++jj) {
+          const char* kr = reinterpret_cast<const char*>(kc + (b * L + jj) * G * D);
+          const char* vr = reinterpret_cast<const char*>(vc + (b * L + jj) * G * D);
           for (int64_t off = 0; off < row_bytes; off += 64) {
             __builtin_prefetch(kr + off);
             __builtin_prefetch(vr + off);
