@@ -5,7 +5,9 @@
 (c) pipeline busy fraction per stage at PP=2 and PP=4 on gloo: S >= PP interleaved slots (S = PP, and PP + 1 for one
     tick of slack) vs one microbatch walking the pipeline (S = 1).
 
-    .venv/bin/python benchmarks/generation.py [--parts a b c] [--quick]
+    .venv/bin/python benchmarks/generation.py [--parts a b c p] [--quick]
+
+(p) where a decode step's time goes (torch profiler), at batch 4 and 16.
 
 Model: GPT-2 shaped, 4 layers, hidden 256, 4 heads, vocab 8000, random weights (speed does not depend on them).
 """
@@ -175,9 +177,34 @@ def part_c(pps: list[int], new_tokens: int) -> None:
         assert rows[f"S={pp}"] == rows["naive S=1"] == rows[f"S={pp + 1}"], "every schedule must generate the same tokens"
 
 
+def part_p(batches: list[int], new_tokens: int) -> None:
+    """Where a decode step's time goes: torch profiler self time per op, per generated token step (greedy,
+    prompt 32), next to the unprofiled wall time of the same call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mrlhf.generation.generate import GenerationConfig, Generator
+    from mrlhf.generation.sampling import SamplingParams
+
+    cfg, ctx, model = build([])
+    print(f"\n(p) decode step breakdown, {new_tokens} new tokens (torch profiler, self CPU time per step)")
+    for batch in batches:
+        gen = GenerationConfig(max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0.0),
+                               micro_batch_size=batch)  # fmt: skip
+        ps = prompts(batch)
+        Generator(model, gen, pad_id=0).generate(ps)
+        _, wall = timed(lambda g=gen, p=ps: Generator(model, g, pad_id=0).generate(p))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            Generator(model, gen, pad_id=0).generate(ps)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events) / 1e3 / new_tokens
+        print(f"batch {batch}: wall {wall * 1e3 / new_tokens:.2f} ms/step; ops {total:.2f} ms/step (profiled)")
+        for e in events[:8]:
+            print(f"  {e.key:<32} {e.self_cpu_time_total / 1e3 / new_tokens:>7.3f} ms/step {e.count / new_tokens:>6.1f} calls")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["a", "b", "c"])
+    ap.add_argument("--parts", nargs="+", default=["a", "b", "c", "p"])
     ap.add_argument("--quick", action="store_true", help="shorter lengths (smoke run)")
     ap.add_argument("--worker-c", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -197,6 +224,8 @@ def main() -> None:
         part_b([16] if args.quick else [64, 256], batch=16)
     if "c" in args.parts:
         part_c([2] if args.quick else [2, 4], new_tokens=8 if args.quick else 64)
+    if "p" in args.parts:
+        part_p(batches=[4, 16], new_tokens=32 if args.quick else 256)
 
 
 if __name__ == "__main__":
