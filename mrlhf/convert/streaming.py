@@ -30,13 +30,14 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from mrlhf.errors import ConversionError
+from mrlhf.errors import ConversionError, MrlhfError
 
 Producer = Callable[[ShardedTensor], torch.Tensor]
 
@@ -116,7 +117,15 @@ class LazySaveStrategy(TorchDistSaveShardedStrategy):
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
         planner = _LazySavePlanner(pending, self.produce, dedup_replicated_tensors=False, flatten_state_dict=False)
         writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=True, sync_files=True, thread_count=1)
-        dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+        try:
+            dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+        except CheckpointException as e:
+            # DCP gathers every rank's failure into one exception; a producer's own error (a file that cannot be
+            # read, a shape that does not fit) is the message the user needs, on every rank.
+            for exc, _ in e.failures.values():
+                if isinstance(exc, MrlhfError):
+                    raise exc from None
+            raise
 
     def async_save(self, sharded_state_dict, checkpoint_dir):  # pragma: no cover - guard
         raise NotImplementedError("LazySaveStrategy saves synchronously")
