@@ -57,19 +57,23 @@ def uniform_noise(seed: int, seq_ids: torch.Tensor, step: int, vocab_ids: torch.
     return (mantissa.double() + 0.5) / float(1 << 53)
 
 
-def _global_argmax(values: torch.Tensor, vocab_start: int) -> torch.Tensor:
-    """argmax over the TP-split last dim of ``values`` [B, V_local]; ties go to the lowest global id."""
-    local_val, local_idx = values.max(dim=-1)
+def _global_argmax(
+    values: torch.Tensor, vocab_start: int, local: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """argmax over the TP-split last dim of ``values`` [B, V_local]; ties go to the lowest global id. ``local`` is
+    ``values.max(dim=-1)`` when the caller has it already."""
+    local_val, local_idx = values.max(dim=-1) if local is None else local
     pair = torch.stack([local_val.double(), (local_idx + vocab_start).double()], dim=-1)  # [B, 2]
     parts = torch.stack(comm.all_gather_tp(pair))  # [tp, B, 2]
     best = parts[..., 0].argmax(dim=0)  # first rank holding the max -> lowest id among ties
     return parts[best, torch.arange(parts.shape[1], device=parts.device), 1].long()
 
 
-def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the TP-split last dim: [B, V_local] -> [B] (float32)."""
+def vocab_parallel_logsumexp(logits: torch.Tensor, local_max: torch.Tensor | None = None) -> torch.Tensor:
+    """logsumexp over the TP-split last dim: [B, V_local] -> [B] (float32). ``local_max`` is the rows' local max
+    when the caller has it already (a copy is reduced; it is not modified)."""
     x = logits.float()
-    m = x.max(dim=-1).values
+    m = x.max(dim=-1).values if local_max is None else local_max.float().clone()
     comm.all_reduce_tp(m, op=torch.distributed.ReduceOp.MAX)
     s = torch.exp(x - m[:, None]).sum(dim=-1)
     comm.all_reduce_tp(s)
@@ -114,9 +118,11 @@ def sample_tokens(
     Returns (tokens [B] int64, log-probs [B] float32 under temperature-scaled full softmax; greedy uses T=1).
     """
     temp = 1.0 if params.greedy else params.temperature
-    scaled = logits.float() / temp
-    if params.greedy:
-        tokens = _global_argmax(scaled, vocab_start)
+    scaled = logits.float() if temp == 1.0 else logits.float() / temp
+    local_max = None
+    if params.greedy:  # one pass for the max: the argmax and the log-sum-exp share it
+        local = scaled.max(dim=-1)
+        tokens, local_max = _global_argmax(scaled, vocab_start, local), local[0]
     else:
         choice = scaled
         if params.top_k > 0 or params.top_p < 1.0:
@@ -126,5 +132,5 @@ def sample_tokens(
         vocab_ids = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=logits.device)
         gumbel = -torch.log(-torch.log(uniform_noise(params.seed, seq_ids, step, vocab_ids)))
         tokens = _global_argmax(choice.double() + gumbel.to(choice.device), vocab_start)
-    logprobs = gather_token_logits(scaled, tokens, vocab_start) - vocab_parallel_logsumexp(scaled)
+    logprobs = gather_token_logits(scaled, tokens, vocab_start) - vocab_parallel_logsumexp(scaled, local_max)
     return tokens, logprobs
