@@ -51,7 +51,10 @@ def describe_backend() -> str:
     if not EXT_DEVICES:
         return f"KV-cache ops: torch reference ({_REFERENCE_REASON})"
     compiled = ", ".join(sorted(EXT_DEVICES - {"meta"}))
-    return f"KV-cache ops: {BACKEND}, compiled kernels for {compiled}; other devices use the torch reference"
+    return (
+        f"KV-cache ops: {BACKEND}, compiled kernels for {compiled}; other devices use the torch reference; "
+        f"decode matmuls: {'mrlhf::decode_linear (cpu, <= 32 rows)' if 'cpu' in EXT_DEVICES else 'torch'}"
+    )
 
 
 if EXT_DEVICES:
