@@ -138,7 +138,7 @@ def _export_rank(rank, cfg_dict, path, spec, jobs, out_dir, dtype, max_bytes, dr
         reader = ChunkReader(role_dir)
         params = dict(model.named_parameters())
         names = {id(p): n for n, p in params.items()}
-        pieces = assemble_parameters(model, reader, names)
+        pieces = assemble_parameters(model, names)
         global_names = {n: global_name(model, n) for n in params}
         plan = []  # (local name, HF keys) in model order
         entries = []

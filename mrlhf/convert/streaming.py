@@ -206,8 +206,9 @@ def sharded_tensors(model) -> list[ShardedTensor]:
     return [x for x in nested_values(sd) if isinstance(x, ShardedTensor)]
 
 
-def assemble_parameters(model, reader: ChunkReader, names: dict[int, str]) -> dict[str, list[ShardedTensor]]:
-    """Parameter name -> the ShardedTensors that cover it (views of it), for filling it from ``reader``."""
+def assemble_parameters(model, names: dict[int, str]) -> dict[str, list[ShardedTensor]]:
+    """Parameter name -> the ShardedTensors that cover it (views of it), for filling it from a ChunkReader.
+    ``names`` maps id(parameter) to its name."""
     out: dict[str, list[ShardedTensor]] = {}
     for sh in sharded_tensors(model):
         name = names.get(id(base_of(sh.data)))
