@@ -139,7 +139,7 @@ def _export_rank(rank, cfg_dict, path, spec, jobs, out_dir, dtype, max_bytes, dr
         params = dict(model.named_parameters())
         names = {id(p): n for n, p in params.items()}
         pieces = assemble_parameters(model, names)
-        global_names = {n: global_name(model, n) for n in params}
+        global_names = {n: model.global_name(n) for n in params}
         plan = []  # (local name, HF keys) in model order
         entries = []
         for local, p in params.items():
@@ -163,10 +163,3 @@ def _export_rank(rank, cfg_dict, path, spec, jobs, out_dir, dtype, max_bytes, dr
         written[role] = writer.close()
     return written
 
-
-def global_name(model, local: str) -> str:
-    from mrlhf.models.backbone import global_param_name
-
-    return (
-        global_param_name(model.backbone, local.removeprefix("backbone.")) if local.startswith("backbone.") else local
-    )

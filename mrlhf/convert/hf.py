@@ -63,16 +63,8 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     """Global-name -> tensor of a TP1PP1 RoleModel's backbone (and head)."""
     from megatron.core import parallel_state as ps
 
-    from mrlhf.models.backbone import global_param_name
-
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
-    out = {}
-    for name, p in model.named_parameters():
-        if name.startswith("backbone."):
-            out[global_param_name(model.backbone, name.removeprefix("backbone."))] = p.detach()
-        else:
-            out[name] = p.detach()
-    return out
+    return {model.global_name(name): p.detach() for name, p in model.named_parameters()}
 
 
 def split_qkv(

@@ -33,7 +33,6 @@ from mrlhf.convert.runtime import (
 from mrlhf.convert.streaming import LazySaveStrategy, base_of, meta_role_model, view_of
 from mrlhf.convert.weights import WeightReader
 from mrlhf.errors import ConversionError
-from mrlhf.models.backbone import global_param_name
 
 DEFAULT_ROLE = {"lm": "actor", "score": "reward", "v_head": "critic"}
 
@@ -139,11 +138,7 @@ def _convert_rank(
     padded = cfg.model.padded_vocab_size(spec.vocab)
     names: dict[int, tuple[str, torch.nn.Parameter]] = {}
     for local, param in model.named_parameters():
-        name = (
-            global_param_name(model.backbone, local.removeprefix("backbone."))
-            if local.startswith("backbone.")
-            else local
-        )
+        name = model.global_name(local)
         if name not in table:
             raise ConversionError(f"no HF source for mrlhf parameter {name} ({spec.model_type}, role {role})")
         names[id(param)] = (name, param)

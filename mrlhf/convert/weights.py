@@ -227,10 +227,3 @@ class SafetensorsWriter:
             json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
         return self.names + [SAFE_INDEX]
 
-
-def save_sharded(sd: dict[str, torch.Tensor], out_dir: str, max_bytes: int) -> list[str]:
-    """Write ``sd`` through :class:`SafetensorsWriter` (same shard naming); returns the file names."""
-    writer = SafetensorsWriter(out_dir, [(k, tuple(t.shape), t.dtype) for k, t in sd.items()], max_bytes)
-    for key, t in sd.items():
-        writer.write(key, t)
-    return writer.close()

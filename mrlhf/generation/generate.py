@@ -103,7 +103,8 @@ class Generator:
         if tokens is None:  # decode: one new token per sequence
             n = slot.produced
             col = slot.width + n - 1
-            pos = (col - slot.starts).to(self.device)  # [B] logical positions
+            host_pos = col - slot.starts  # [B] logical positions (slot.starts lives on the host)
+            pos = host_pos.to(self.device)
             state = DecodeState(
                 cache=cache, slot=slot_idx, batch=b, layer_offset=self.layer_offset, prefill=False,
                 write_pos=torch.full((b,), col, dtype=torch.long, device=self.device),
@@ -111,7 +112,7 @@ class Generator:
                 lengths=torch.full((b,), col + 1, dtype=torch.long, device=self.device),
             )  # fmt: skip
             if self.rope is not None:
-                emb = self.rope(int(pos.max()) + 1)[pos][:, 0, 0]  # [B, D]
+                emb = self.rope(int(host_pos.max()) + 1)[pos][:, 0, 0]  # [B, D]; no device sync for the max
                 state.cos, state.sin = torch.cos(emb).to(self.dtype), torch.sin(emb).to(self.dtype)
             toks = batch["next"].view(b, 1) if self.first else batch["dummy"]
             positions, mask = pos.view(b, 1), None

@@ -13,14 +13,14 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
+from mrlhf.ops.kv_ops import decode_linear
+
 
 def vocab_parallel_logits(gpt, hidden: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """[s, b, h] -> this rank's vocabulary slice of the logits [s, b, v/tp], padded entries set to -inf. ``fused``
     (inference only) multiplies by the output weights with ``kv_ops.decode_linear`` instead of megatron's layer."""
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
     if fused:
-        from mrlhf.ops.kv_ops import decode_linear
-
         layer = gpt.output_layer
         logits = decode_linear(hidden, layer.weight if weight is None else weight, layer.bias)
     else:

@@ -12,7 +12,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from mrlhf.config import RunConfig
-from mrlhf.models.backbone import backbone_forward, build_backbone, init_value, init_weights
+from mrlhf.models.backbone import backbone_forward, build_backbone, global_param_name, init_value, init_weights
 from mrlhf.models.heads import RewardHead, ValueHead, token_logprobs, vocab_parallel_logits
 
 ROLES = ("actor", "reference", "critic", "reward")
@@ -39,6 +39,12 @@ class RoleModel(torch.nn.Module):
             self.head = (ValueHead if role == "critic" else RewardHead)(cfg.model.hidden_size, dtype=dtype)
         elif not self.has_lm_head:
             self.backbone.share_embeddings_and_output_weights = False
+
+    def global_name(self, local: str) -> str:
+        """Layout-independent name of parameter ``local`` (backbone layers by global index; the head as is)."""
+        if local.startswith("backbone."):
+            return global_param_name(self.backbone, local.removeprefix("backbone."))
+        return local
 
     @property
     def has_lm_head(self) -> bool:
