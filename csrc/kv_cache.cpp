@@ -16,7 +16,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <optional>
+#include <string>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -24,6 +30,64 @@
 #include <vector>
 
 namespace mrlhf {
+
+// ---------------------------------------------------------------------------------------------------------
+// CPU vector-extension switch (csrc/cpu_isa.h)
+// ---------------------------------------------------------------------------------------------------------
+
+CpuIsa cpu_isa_supported() {
+  static const CpuIsa best = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl");
+    return avx512 ? CpuIsa::kAvx512 : avx2 ? CpuIsa::kAvx2 : CpuIsa::kPortable;
+#else
+    return CpuIsa::kPortable;
+#endif
+  }();
+  return best;
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "portable";
+}
+
+static CpuIsa parse_isa(const std::string& name, const char* where) {
+  CpuIsa isa;
+  if (name == "best")
+    return cpu_isa_supported();
+  if (name == "avx512")
+    isa = CpuIsa::kAvx512;
+  else if (name == "avx2")
+    isa = CpuIsa::kAvx2;
+  else if (name == "portable")
+    isa = CpuIsa::kPortable;
+  else
+    TORCH_CHECK(false, where, ": unknown CPU path '", name, "' (expected portable, avx2, avx512 or best)");
+  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(cpu_isa_supported()), where, ": this CPU has no ", name,
+              " (best available: ", cpu_isa_name(cpu_isa_supported()), ")");
+  return isa;
+}
+
+static std::atomic<int>& isa_state() {
+  static std::atomic<int> state([] {
+    const char* env = std::getenv("MRLHF_CPU_ISA");
+    return static_cast<int>(env && *env ? parse_isa(env, "MRLHF_CPU_ISA") : cpu_isa_supported());
+  }());
+  return state;
+}
+
+CpuIsa cpu_isa() { return static_cast<CpuIsa>(isa_state().load(std::memory_order_relaxed)); }
+
+// mrlhf::cpu_isa(str? use) -> str: switches the CPU kernels to `use` when given ("best": the best this CPU has);
+// returns the path in use.
+static std::string cpu_isa_op(std::optional<std::string> use) {
+  if (use.has_value()) isa_state().store(static_cast<int>(parse_isa(*use, "mrlhf::cpu_isa")));
+  return cpu_isa_name(cpu_isa());
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Argument checks, shared with the CUDA binding (declared again there) so both backends reject the same inputs.
@@ -225,10 +289,7 @@ MRLHF_AVX2 static void tile_axpy_avx2(const float* p, const float* const* v, int
   for (; d < D; ++d)
     for (int64_t t = 0; t < T; ++t) acc[d] += p[t] * v[t][d];
 }
-static bool tile_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+static bool tile_avx2() { return cpu_isa() != CpuIsa::kPortable; }
 #endif
 
 static inline void tile_scores(const float* q, const float* const* k, int64_t T, int64_t D, float* s) {
@@ -315,6 +376,15 @@ static int64_t auto_splits(int64_t B, int64_t max_len) {
 
 constexpr int64_t kTile = 32;  // slots per softmax tile in decode_attention
 
+// Prefetch cache lines [first, last) of a tile: the tile's K slots are one contiguous block of `bytes` (slots
+// j..j+T-1 of a sequence are adjacent in [B, L, G, D]), then its V block; lines are counted K first, then V.
+// Into L2 (prefetcht1): a tile of K and V is larger than L1.
+static inline void prefetch_tile(const char* k, const char* v, int64_t bytes, int64_t first, int64_t last) {
+  const int64_t k_lines = (bytes + 63) / 64;
+  for (int64_t i = first; i < last; ++i)
+    __builtin_prefetch(i < k_lines ? k + i * 64 : v + (i - k_lines) * 64, 0, 2);
+}
+
 template <typename scalar_t>
 static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const std::vector<int64_t>& lo, const std::vector<int64_t>& hi,
@@ -365,23 +435,25 @@ static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const 
       for (int64_t j = j0; j < j1; j += kTile) {
         const int64_t T = std::min(kTile, j1 - j);
         // Cold caches (the common case: a step's weights evict them) stream at a fraction of the bandwidth unless
-        // the K/V rows up to two tiles ahead are requested early (each slot's row is G * D contiguous elements).
-        const int64_t from = j == j0 ? j + T : std::min(j + T + kTile, j1);
-        const int64_t upto = std::min(j + T + 2 * kTile, j1);
-        const int64_t row_bytes = G * D * static_cast<int64_t>(sizeof(scalar_t));
-        for (int64_t jj = from; jj < upto; ++jj) {
-          const char* kr = reinterpret_cast<const char*>(kc + (b * L + jj) * G * D);
-          const char* vr = reinterpret_cast<const char*>(vc + (b * L + jj) * G * D);
-          for (int64_t off = 0; off < row_bytes; off += 64) {
-            __builtin_prefetch(kr + off);
-            __builtin_prefetch(vr + off);
-          }
-        }
+        // the rows are requested early. The next tile's K rows then V rows (each slot's row is G * D contiguous
+        // elements) are requested in address order, a few cache lines per gathered row, so the requests are spread
+        // evenly over this tile's work (a burst of a whole tile overflows the miss buffers) and stay one tile
+        // ahead. The first tile of a task is requested up front.
+        const int64_t slot_bytes = G * D * static_cast<int64_t>(sizeof(scalar_t));
+        const char* k_tile = reinterpret_cast<const char*>(kc + (b * L + j) * G * D);
+        const char* v_tile = reinterpret_cast<const char*>(vc + (b * L + j) * G * D);
+        if (j == j0) prefetch_tile(k_tile, v_tile, T * slot_bytes, 0, 2 * ((T * slot_bytes + 63) / 64));
+        const int64_t Tn = std::min(kTile, j1 - j - T), next_bytes = Tn * slot_bytes;
+        const int64_t next_lines = 2 * ((next_bytes + 63) / 64), per_row = (next_lines + G * T - 1) / (G * T);
         for (int64_t g = 0; g < G; ++g) {
           for (int64_t t = 0; t < T; ++t) {
             const int64_t off = ((b * L + j + t) * G + g) * D;
             krows[t] = as_float(kc + off, kbuf.data() + t * D, D);
             vrows[t] = as_float(vc + off, vbuf.data() + t * D, D);
+            const int64_t first = (g * T + t) * per_row;
+            if (first < next_lines)
+              prefetch_tile(k_tile + T * slot_bytes, v_tile + T * slot_bytes, next_bytes, first,
+                            std::min(first + per_row, next_lines));
           }
           for (int64_t h = g * R; h < (g + 1) * R; ++h) {  // GQA: query heads g*R .. g*R+R-1 read kv head g
             float* acc = acc0 + h * S * D;
@@ -462,6 +534,7 @@ TORCH_LIBRARY(mrlhf, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor starts, Tensor lengths, Tensor? cos, "
       "Tensor? sin, float scale, int num_splits) -> Tensor");
+  m.def("cpu_isa(str? use=None) -> str", &mrlhf::cpu_isa_op);
 }
 
 TORCH_LIBRARY_IMPL(mrlhf, CPU, m) {

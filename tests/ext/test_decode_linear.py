@@ -10,10 +10,11 @@ from mrlhf.ops import kv_ops, reference
 needs_ext = pytest.mark.skipif("cpu" not in kv_ops.EXT_DEVICES, reason=f"mrlhf._C not in use: {kv_ops.BACKEND}")
 pytestmark = needs_ext
 
-# (M, N, K): 1..33 rows (the kernel's 4-row blocks and their tails), odd N (the last unpaired weight row), K not a
-# multiple of 8 (the scalar tail), the shapes of the benchmark model, and an LM head.
+# (M, N, K): 1..33 rows (the AVX2 4-input and AVX-512 6-input blocks and their tails), N not a multiple of 2 or 4
+# (the last weight rows), K not a multiple of 8 or 16 (scalar / masked tails), the shapes of the benchmark model,
+# and an LM head. Every case runs on each CPU path the machine has (the cpu_isa fixture, tests/ext/conftest.py).
 SHAPES = [(1, 8, 8), (3, 7, 13), (4, 768, 256), (5, 33, 40), (16, 1024, 256), (16, 256, 1024), (17, 61, 200),
-          (33, 9, 64), (2, 8000, 64), (8, 5, 1)]  # fmt: skip
+          (33, 9, 64), (2, 8000, 64), (8, 5, 1), (7, 6, 37), (13, 3, 16)]  # fmt: skip
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -29,7 +30,7 @@ def case(shape, dtype, seed=0, bias=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_kernel_matches_reference(shape, dtype, bias):
+def test_kernel_matches_reference(shape, dtype, bias, cpu_isa):
     x, w, b = case(shape, dtype, seed=sum(shape), bias=bias)
     got = torch.ops.mrlhf.decode_linear(x, w, b)
     want = reference.decode_linear(x, w, b)
@@ -39,7 +40,7 @@ def test_kernel_matches_reference(shape, dtype, bias):
     assert err <= TOL[dtype], (shape, dtype, err)
 
 
-def test_fp32_agrees_with_float64_better_than_blas_or_equal():
+def test_fp32_agrees_with_float64_better_than_blas_or_equal(cpu_isa):
     """Accumulation is fp32 like BLAS; its error against a float64 product is of the same order (not a lossy path)."""
     x, w, b = case((16, 8000, 256), torch.float32, seed=1)
     exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
@@ -48,7 +49,7 @@ def test_fp32_agrees_with_float64_better_than_blas_or_equal():
     assert ours <= max(2 * blas, 1e-6), (ours, blas)
 
 
-def test_every_output_written_once():
+def test_every_output_written_once(cpu_isa):
     """No element left unwritten or written from a neighbour's row: ones-vectors make each output a known sum."""
     for m, n, k in [(5, 9, 11), (4, 2, 16), (7, 1, 3), (1, 3, 64)]:
         x = torch.arange(1, m + 1, dtype=torch.float32)[:, None].expand(m, k).contiguous()
@@ -90,3 +91,40 @@ def test_wrapper_shapes_rows_and_fallback():
     torch.testing.assert_close(kv_ops.decode_linear(strided, w), strided @ w.t(), atol=1e-5, rtol=0)
     with torch.device("meta"):
         assert torch.ops.mrlhf.decode_linear(torch.empty(3, 24), torch.empty(10, 24), None).shape == (3, 10)
+
+
+def test_cpu_isa_switch_and_errors():
+    """mrlhf::cpu_isa reports the path in use, switches paths, refuses unknown names and paths the CPU lacks; the best
+    path agrees with what torch detected for its own kernels."""
+    before = torch.ops.mrlhf.cpu_isa()
+    try:
+        best = torch.ops.mrlhf.cpu_isa("best")
+        assert torch.ops.mrlhf.cpu_isa() == best
+        torch_cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+        assert best == {"AVX512": "avx512", "AVX2": "avx2"}.get(torch_cap, best if best == "portable" else "?"), (
+            best,
+            torch_cap,
+        )
+        assert torch.ops.mrlhf.cpu_isa("portable") == "portable"
+        with pytest.raises(RuntimeError, match="unknown CPU path 'sse9'"):
+            torch.ops.mrlhf.cpu_isa("sse9")
+        assert torch.ops.mrlhf.cpu_isa() == "portable"  # a refused switch leaves the path as it was
+        if best != "avx512":
+            with pytest.raises(RuntimeError, match="this CPU has no avx512"):
+                torch.ops.mrlhf.cpu_isa("avx512")
+    finally:
+        torch.ops.mrlhf.cpu_isa(before)
+
+
+def test_cpu_isa_env_var_picks_the_path():
+    """MRLHF_CPU_ISA at start-up picks the path; a bad value fails the first kernel call with the variable's name."""
+    import subprocess
+    import sys
+
+    code = "import torch, mrlhf._C; print(torch.ops.mrlhf.cpu_isa())"
+    env = dict(__import__("os").environ, MRLHF_CPU_ISA="portable")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "portable"
+    env["MRLHF_CPU_ISA"] = "fast"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "MRLHF_CPU_ISA: unknown CPU path 'fast'" in bad.stderr

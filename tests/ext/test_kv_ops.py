@@ -86,7 +86,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rope", [False, True])
-def test_cpu_kernels_match_reference(shape, dtype, rope):
+def test_cpu_kernels_match_reference(shape, dtype, rope, cpu_isa):
     c = make_case(shape, dtype, rope, seed=SHAPES.index(shape) * 2 + rope)
     kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
     kr, vr = c["k_cache"].clone(), c["v_cache"].clone()
@@ -101,7 +101,7 @@ def test_cpu_kernels_match_reference(shape, dtype, rope):
 
 
 @needs_ext
-def test_float16_matches_reference():
+def test_float16_matches_reference(cpu_isa):
     c = make_case(SHAPES[0], torch.float16, rope=True, seed=5)
     kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
     kr, vr = c["k_cache"].clone(), c["v_cache"].clone()
