@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "cpu_isa.h"
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <atomic>
@@ -205,35 +206,11 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// Tile helpers of decode_attention: scores of a tile of slots, their exponentials, and acc += sum_t p[t] * v[t].
-// The AVX2/FMA versions are chosen at run time; exp is Cephes' expf polynomial (relative error ~2e-7), the same
-// on every path so results do not depend on the machine beyond FMA rounding.
-static inline float exp_poly(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);
-  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.f;
-  return std::ldexp(y, static_cast<int>(fx));
-}
-
-static void tile_scores_portable(const float* q, const float* const* k, int64_t T, int64_t D, float* s) {
-  for (int64_t t = 0; t < T; ++t) s[t] = dot(q, k[t], D);
-}
+// Exponentials of a tile's scores for decode_attention's online softmax (csrc/cpu_vec.h: the same polynomial on
+// every path, so results do not depend on the machine beyond FMA rounding).
 static void tile_exp_portable(float* s, int64_t T, float m) {
   for (int64_t t = 0; t < T; ++t) s[t] = exp_poly(s[t] - m);
 }
-static void tile_axpy_portable(const float* p, const float* const* v, int64_t T, int64_t D, float* acc) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * v[t][d];
-}
-
 #if defined(__x86_64__) || defined(_M_X64)
 #define MRLHF_TILE_X86 1
 #include <immintrin.h>
@@ -243,72 +220,118 @@ MRLHF_AVX2 static inline float hsum8(__m256 v) {
   const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
   return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 0x55)));
 }
-MRLHF_AVX2 static void tile_scores_avx2(const float* q, const float* const* k, int64_t T, int64_t D, float* s) {
-  const int64_t D8 = D - D % 8;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* kr = k[t];
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int64_t d = 0;
-    for (; d + 16 <= D8; d += 16) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(kr + d + 8), a1);
-    }
-    for (; d < D8; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a0);
-    float sum = hsum8(_mm256_add_ps(a0, a1));
-    for (; d < D; ++d) sum += q[d] * kr[d];
-    s[t] = sum;
-  }
-}
 MRLHF_AVX2 static void tile_exp_avx2(float* s, int64_t T, float m) {
-  const __m256 hi = _mm256_set1_ps(88.3f), lo = _mm256_set1_ps(-87.3f), mv = _mm256_set1_ps(m);
+  const __m256 mv = _mm256_set1_ps(m);
   int64_t t = 0;
-  for (; t + 8 <= T; t += 8) {
-    __m256 x = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv), lo), hi);
-    const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    _mm256_storeu_ps(s + t, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-  }
+  for (; t + 8 <= T; t += 8) _mm256_storeu_ps(s + t, exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv)));
   for (; t < T; ++t) s[t] = exp_poly(s[t] - m);
-}
-MRLHF_AVX2 static void tile_axpy_avx2(const float* p, const float* const* v, int64_t T, int64_t D, float* acc) {
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    __m256 a = _mm256_loadu_ps(acc + d);
-    for (int64_t t = 0; t < T; ++t) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v[t] + d), a);
-    _mm256_storeu_ps(acc + d, a);
-  }
-  for (; d < D; ++d)
-    for (int64_t t = 0; t < T; ++t) acc[d] += p[t] * v[t][d];
 }
 static bool tile_avx2() { return cpu_isa() != CpuIsa::kPortable; }
 #endif
 
-static inline void tile_scores(const float* q, const float* const* k, int64_t T, int64_t D, float* s) {
-#ifdef MRLHF_TILE_X86
-  if (tile_avx2()) return tile_scores_avx2(q, k, T, D, s);
-#endif
-  tile_scores_portable(q, k, T, D, s);
-}
 static inline void tile_exp(float* s, int64_t T, float m) {
 #ifdef MRLHF_TILE_X86
   if (tile_avx2()) return tile_exp_avx2(s, T, m);
 #endif
   tile_exp_portable(s, T, m);
 }
-static inline void tile_axpy(const float* p, const float* const* v, int64_t T, int64_t D, float* acc) {
+
+// Slot-major helpers of decode_attention: one cache slot's row (all G kv heads, G * D contiguous elements) against
+// every query head. scores: s[h * stride] = q_h . k_{g(h)}; axpy: acc_h += p[h * stride] * v_{g(h)}, acc_h = acc +
+// h * D. Query head h reads kv head h / R.
+static void row_scores_portable(const float* q, const float* row, int64_t H, int64_t R, int64_t D, float* s,
+                                int64_t stride) {
+  for (int64_t h = 0; h < H; ++h) s[h * stride] = dot(q + h * D, row + (h / R) * D, D);
+}
+static void row_axpy_portable(const float* p, const float* row, int64_t H, int64_t R, int64_t D, float* acc,
+                              int64_t stride) {
+  for (int64_t h = 0; h < H; ++h) {
+    const float w = p[h * stride];
+    const float* v = row + (h / R) * D;
+    float* a = acc + h * D;
+    for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
+  }
+}
 #ifdef MRLHF_TILE_X86
-  if (tile_avx2()) return tile_axpy_avx2(p, v, T, D, acc);
+#define MRLHF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+MRLHF_AVX2 static void row_scores_avx2(const float* q, const float* row, int64_t H, int64_t R, int64_t D, float* s,
+                                       int64_t stride) {
+  const int64_t D8 = D - D % 8;
+  for (int64_t h = 0; h < H; ++h) {
+    const float* qh = q + h * D;
+    const float* kr = row + (h / R) * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t d = 0;
+    for (; d + 16 <= D8; d += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kr + d), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d + 8), _mm256_loadu_ps(kr + d + 8), a1);
+    }
+    for (; d < D8; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kr + d), a0);
+    float sum = hsum8(_mm256_add_ps(a0, a1));
+    for (; d < D; ++d) sum += qh[d] * kr[d];
+    s[h * stride] = sum;
+  }
+}
+MRLHF_AVX2 static void row_axpy_avx2(const float* p, const float* row, int64_t H, int64_t R, int64_t D, float* acc,
+                                     int64_t stride) {
+  for (int64_t h = 0; h < H; ++h) {
+    const __m256 w = _mm256_set1_ps(p[h * stride]);
+    const float* v = row + (h / R) * D;
+    float* a = acc + h * D;
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(a + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + d), _mm256_loadu_ps(a + d)));
+    for (; d < D; ++d) a[d] += p[h * stride] * v[d];
+  }
+}
+MRLHF_AVX512 static void row_scores_avx512(const float* q, const float* row, int64_t H, int64_t R, int64_t D,
+                                           float* s, int64_t stride) {
+  for (int64_t h = 0; h < H; ++h) {
+    const float* qh = q + h * D;
+    const float* kr = row + (h / R) * D;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t d = 0;
+    for (; d + 32 <= D; d += 32) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kr + d), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d + 16), _mm512_loadu_ps(kr + d + 16), a1);
+    }
+    for (; d < D; d += 16) {
+      const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qh + d), _mm512_maskz_loadu_ps(m, kr + d), a0);
+    }
+    s[h * stride] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  }
+}
+MRLHF_AVX512 static void row_axpy_avx512(const float* p, const float* row, int64_t H, int64_t R, int64_t D,
+                                         float* acc, int64_t stride) {
+  for (int64_t h = 0; h < H; ++h) {
+    const __m512 w = _mm512_set1_ps(p[h * stride]);
+    const float* v = row + (h / R) * D;
+    float* a = acc + h * D;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+      const __m512 sum = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, v + d), _mm512_maskz_loadu_ps(m, a + d));
+      _mm512_mask_storeu_ps(a + d, m, sum);
+    }
+  }
+}
 #endif
-  tile_axpy_portable(p, v, T, D, acc);
+
+static inline void row_scores(CpuIsa isa, const float* q, const float* row, int64_t H, int64_t R, int64_t D, float* s,
+                              int64_t stride) {
+#ifdef MRLHF_TILE_X86
+  if (isa == CpuIsa::kAvx512) return row_scores_avx512(q, row, H, R, D, s, stride);
+  if (isa == CpuIsa::kAvx2) return row_scores_avx2(q, row, H, R, D, s, stride);
+#endif
+  row_scores_portable(q, row, H, R, D, s, stride);
+}
+static inline void row_axpy(CpuIsa isa, const float* p, const float* row, int64_t H, int64_t R, int64_t D, float* acc,
+                            int64_t stride) {
+#ifdef MRLHF_TILE_X86
+  if (isa == CpuIsa::kAvx512) return row_axpy_avx512(p, row, H, R, D, acc, stride);
+  if (isa == CpuIsa::kAvx2) return row_axpy_avx2(p, row, H, R, D, acc, stride);
+#endif
+  row_axpy_portable(p, row, H, R, D, acc, stride);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -376,14 +399,7 @@ static int64_t auto_splits(int64_t B, int64_t max_len) {
 
 constexpr int64_t kTile = 32;  // slots per softmax tile in decode_attention
 
-// Prefetch cache lines [first, last) of a tile: the tile's K slots are one contiguous block of `bytes` (slots
-// j..j+T-1 of a sequence are adjacent in [B, L, G, D]), then its V block; lines are counted K first, then V.
-// Into L2 (prefetcht1): a tile of K and V is larger than L1.
-static inline void prefetch_tile(const char* k, const char* v, int64_t bytes, int64_t first, int64_t last) {
-  const int64_t k_lines = (bytes + 63) / 64;
-  for (int64_t i = first; i < last; ++i)
-    __builtin_prefetch(i < k_lines ? k + i * 64 : v + (i - k_lines) * 64, 0, 2);
-}
+constexpr int64_t kAhead = 8;  // decode_attention prefetches this many cache rows (slots) ahead of use
 
 template <typename scalar_t>
 static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -407,19 +423,22 @@ static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const 
   float* pacc = ws_acc.data_ptr<float>();
 
   // Phase 1: one task per (b, split), covering all heads. Slot j's keys for all kv heads form one contiguous
-  // [G, D] row, so walking slots and then kv heads reads the cache sequentially (a task per (b, g) would stride
-  // G * D elements between rows, which defeats the prefetcher). Each row is converted to fp32 once and used by
-  // the R query heads that share it.
+  // [G, D] row and slots j..j+T-1 of a sequence are adjacent, so a tile is one contiguous block of K and one of V.
+  // The tile is walked slot by slot (slot-major): the K block front to back giving every query head its score,
+  // the softmax update per head, then the V block front to back adding p * v to every head's accumulator. The
+  // cache is read strictly in address order (K tile, V tile, next K tile, ...), each row converted to fp32 once
+  // and used by the R query heads that share it.
+  const CpuIsa isa = cpu_isa();
+  const int64_t row = G * D;
+  const int64_t row_lines = (row * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64;
   at::parallel_for(0, B * S, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), kbuf(kTile * D), vbuf(kTile * D), p(kTile);
-    std::vector<const float*> krows(kTile), vrows(kTile);
+    std::vector<float> qf(H * D), acc(H * D), kbuf(row), vbuf(row), p(H * kTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / S, s = task % S;
       const int64_t chunk = (hi[b] - lo[b] + S - 1) / S;
       const int64_t j0 = lo[b] + s * chunk, j1 = std::min(j0 + chunk, hi[b]);
       float* m = pm + b * H * S + s;  // head h's entries are h * S (m, l) and h * S * D (acc) apart
       float* l = pl + b * H * S + s;
-      float* acc0 = pacc + (b * H * S + s) * D;
       for (int64_t h = 0; h < H; ++h) {  // q rows, rotated and pre-scaled; empty partials
         const scalar_t* qrow = qp + (b * H + h) * D;
         for (int64_t d = 0; d < D; ++d) {
@@ -428,52 +447,51 @@ static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const 
         }
         m[h * S] = -std::numeric_limits<float>::infinity();
         l[h * S] = 0.f;
-        std::fill_n(acc0 + h * S * D, D, 0.f);
       }
-      // Tiles of kTile slots: per kv head, convert the tile's rows to fp32 once (bf16/fp16), then for each query
-      // head of the group: scores, one max, exponentials, and acc += p . V -- the online softmax per tile.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      // Cold caches (the common case: a step's weights evict them) stream at a fraction of the bandwidth unless
+      // rows are requested ahead of use: kAhead rows on in the same address-ordered stream, into L2.
+      auto prefetch_row = [&](const scalar_t* r) {
+        for (int64_t i = 0; i < row_lines; ++i) __builtin_prefetch(reinterpret_cast<const char*>(r) + i * 64, 0, 2);
+      };
+      const scalar_t* kb = kc + b * L * row;
+      const scalar_t* vb = vc + b * L * row;
+      for (int64_t t = j0; t < std::min(j0 + kAhead, j1); ++t) prefetch_row(kb + t * row);
       for (int64_t j = j0; j < j1; j += kTile) {
         const int64_t T = std::min(kTile, j1 - j);
-        // Cold caches (the common case: a step's weights evict them) stream at a fraction of the bandwidth unless
-        // the rows are requested early. The next tile's K rows then V rows (each slot's row is G * D contiguous
-        // elements) are requested in address order, a few cache lines per gathered row, so the requests are spread
-        // evenly over this tile's work (a burst of a whole tile overflows the miss buffers) and stay one tile
-        // ahead. The first tile of a task is requested up front.
-        const int64_t slot_bytes = G * D * static_cast<int64_t>(sizeof(scalar_t));
-        const char* k_tile = reinterpret_cast<const char*>(kc + (b * L + j) * G * D);
-        const char* v_tile = reinterpret_cast<const char*>(vc + (b * L + j) * G * D);
-        if (j == j0) prefetch_tile(k_tile, v_tile, T * slot_bytes, 0, 2 * ((T * slot_bytes + 63) / 64));
-        const int64_t Tn = std::min(kTile, j1 - j - T), next_bytes = Tn * slot_bytes;
-        const int64_t next_lines = 2 * ((next_bytes + 63) / 64), per_row = (next_lines + G * T - 1) / (G * T);
-        for (int64_t g = 0; g < G; ++g) {
-          for (int64_t t = 0; t < T; ++t) {
-            const int64_t off = ((b * L + j + t) * G + g) * D;
-            krows[t] = as_float(kc + off, kbuf.data() + t * D, D);
-            vrows[t] = as_float(vc + off, vbuf.data() + t * D, D);
-            const int64_t first = (g * T + t) * per_row;
-            if (first < next_lines)
-              prefetch_tile(k_tile + T * slot_bytes, v_tile + T * slot_bytes, next_bytes, first,
-                            std::min(first + per_row, next_lines));
+        for (int64_t t = 0; t < T; ++t) {  // K pass: every head's score of slot j + t
+          const int64_t ahead = t + kAhead;  // the stream goes on with this tile's V rows
+          prefetch_row(ahead < T ? kb + (j + ahead) * row : vb + (j + ahead - T) * row);
+          const float* kr = as_float(kb + (j + t) * row, kbuf.data(), row);
+          row_scores(isa, qf.data(), kr, H, R, D, p.data() + t, kTile);
+        }
+        for (int64_t h = 0; h < H; ++h) {  // online softmax update of head h over the tile
+          float* ph = p.data() + h * kTile;
+          const float tmax = *std::max_element(ph, ph + T);
+          const float m_new = std::max(m[h * S], tmax);
+          if (m_new > m[h * S]) {  // rescale the running sums only when the max moves; exp(-inf) = 0 at first
+            const float alpha = m[h * S] == -std::numeric_limits<float>::infinity() ? 0.f : exp_poly(m[h * S] - m_new);
+            l[h * S] *= alpha;
+            for (int64_t d = 0; d < D; ++d) acc[h * D + d] *= alpha;
+            m[h * S] = m_new;
           }
-          for (int64_t h = g * R; h < (g + 1) * R; ++h) {  // GQA: query heads g*R .. g*R+R-1 read kv head g
-            float* acc = acc0 + h * S * D;
-            tile_scores(qf.data() + h * D, krows.data(), T, D, p.data());
-            const float tmax = *std::max_element(p.begin(), p.begin() + T);
-            const float m_new = std::max(m[h * S], tmax);
-            if (m_new > m[h * S]) {  // rescale the running sums only when the max moves; exp(-inf) = 0 at first
-              const float alpha = m[h * S] == -std::numeric_limits<float>::infinity() ? 0.f : exp_poly(m[h * S] - m_new);
-              l[h * S] *= alpha;
-              for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
-              m[h * S] = m_new;
-            }
-            tile_exp(p.data(), T, m_new);
-            float sum = 0.f;
-            for (int64_t t = 0; t < T; ++t) sum += p[t];
-            l[h * S] += sum;
-            tile_axpy(p.data(), vrows.data(), T, D, acc);
-          }
+          tile_exp(ph, T, m_new);
+          float sum = 0.f;
+          for (int64_t t = 0; t < T; ++t) sum += ph[t];
+          l[h * S] += sum;
+        }
+        const int64_t Tn = std::min(kTile, j1 - j - T);  // the stream goes on with the next tile's K rows
+        for (int64_t t = 0; t < T; ++t) {  // V pass: acc_h += p_h(j + t) * v(j + t)
+          const int64_t ahead = t + kAhead;
+          if (ahead < T)
+            prefetch_row(vb + (j + ahead) * row);
+          else if (ahead - T < Tn)
+            prefetch_row(kb + (j + ahead) * row);
+          const float* vr = as_float(vb + (j + t) * row, vbuf.data(), row);
+          row_axpy(isa, p.data() + t, vr, H, R, D, acc.data(), kTile);
         }
       }
+      for (int64_t h = 0; h < H; ++h) std::copy_n(acc.data() + h * D, D, pacc + ((b * H + h) * S + s) * D);
     }
   });
 

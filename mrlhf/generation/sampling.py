@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mrlhf.ops.kv_ops import row_softmax_stats
 from mrlhf.parallel import comm
 
 _MASK64 = (1 << 64) - 1
@@ -69,14 +70,22 @@ def _global_argmax(
     return parts[best, torch.arange(parts.shape[1], device=parts.device), 1].long()
 
 
-def vocab_parallel_logsumexp(logits: torch.Tensor, local_max: torch.Tensor | None = None) -> torch.Tensor:
-    """logsumexp over the TP-split last dim: [B, V_local] -> [B] (float32). ``local_max`` is the rows' local max
-    when the caller has it already (a copy is reduced; it is not modified)."""
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the TP-split last dim: [B, V_local] -> [B] (float32)."""
     x = logits.float()
-    m = x.max(dim=-1).values if local_max is None else local_max.float().clone()
+    m = x.max(dim=-1).values
     comm.all_reduce_tp(m, op=torch.distributed.ReduceOp.MAX)
     s = torch.exp(x - m[:, None]).sum(dim=-1)
     comm.all_reduce_tp(s)
+    return m + torch.log(s)
+
+
+def _merge_logsumexp(local_max: torch.Tensor, local_sumexp: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the TP-split vocabulary from each rank's (max, sum(exp(x - max))): [B], [B] -> [B]. A rank whose
+    slice is all -inf (sum 0) adds nothing."""
+    m = comm.all_reduce_tp(local_max.clone(), op=torch.distributed.ReduceOp.MAX)
+    scale = torch.where(local_sumexp > 0, torch.exp(local_max - m), torch.zeros_like(local_sumexp))
+    s = comm.all_reduce_tp(local_sumexp * scale)
     return m + torch.log(s)
 
 
@@ -119,10 +128,11 @@ def sample_tokens(
     """
     temp = 1.0 if params.greedy else params.temperature
     scaled = logits.float() if temp == 1.0 else logits.float() / temp
-    local_max = None
-    if params.greedy:  # one pass for the max: the argmax and the log-sum-exp share it
-        local = scaled.max(dim=-1)
-        tokens, local_max = _global_argmax(scaled, vocab_start, local), local[0]
+    if params.greedy:  # one call for the max, its index and the local sum of exponentials (mrlhf::row_softmax_stats)
+        local_max, local_arg, local_sumexp = row_softmax_stats(scaled)
+        tokens = _global_argmax(scaled, vocab_start, (local_max, local_arg))
+        lse = _merge_logsumexp(local_max, local_sumexp)
+        return tokens, gather_token_logits(scaled, tokens, vocab_start) - lse
     else:
         choice = scaled
         if params.top_k > 0 or params.top_p < 1.0:
@@ -132,5 +142,5 @@ def sample_tokens(
         vocab_ids = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=logits.device)
         gumbel = -torch.log(-torch.log(uniform_noise(params.seed, seq_ids, step, vocab_ids)))
         tokens = _global_argmax(choice.double() + gumbel.to(choice.device), vocab_start)
-    logprobs = gather_token_logits(scaled, tokens, vocab_start) - vocab_parallel_logsumexp(scaled, local_max)
+    logprobs = gather_token_logits(scaled, tokens, vocab_start) - vocab_parallel_logsumexp(scaled)
     return tokens, logprobs

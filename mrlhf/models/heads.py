@@ -29,7 +29,10 @@ def vocab_parallel_logits(gpt, hidden: torch.Tensor, fused: bool = False) -> tor
     start = ps.get_tensor_model_parallel_rank() * per_rank
     real = gpt.real_vocab_size
     if start + per_rank > real:  # this slice holds padding columns
-        logits = logits.masked_fill(_pad_columns(start, per_rank, real, logits.device), float("-inf"))
+        if fused:  # a fresh inference-only tensor: fill just the padding columns in place
+            logits[..., max(real - start, 0) :] = float("-inf")
+        else:
+            logits = logits.masked_fill(_pad_columns(start, per_rank, real, logits.device), float("-inf"))
     return logits
 
 

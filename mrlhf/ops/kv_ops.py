@@ -3,7 +3,8 @@
 ``kv_append`` writes new keys/values into a preallocated cache by position (RoPE on keys on the way in);
 ``decode_attention`` attends one new query token per sequence over its cache slots (flash-decoding split-K);
 ``decode_linear`` multiplies the few rows of a decode step by a weight matrix, streaming the weights once (CPU;
-BLAS is built for many rows and reads skinny products' weights at a fraction of the memory bandwidth).
+BLAS is built for many rows and reads skinny products' weights at a fraction of the memory bandwidth);
+``row_softmax_stats`` gives greedy sampling its row max, argmax and sum of exponentials in one call (CPU).
 Each call goes to the compiled ``torch.ops.mrlhf.*`` operator when ``mrlhf._C`` is built and has a kernel for the
 tensors' device, otherwise to the pure-torch twin in ``mrlhf/ops/reference.py``.
 
@@ -67,6 +68,12 @@ if EXT_DEVICES:
     def _decode_linear_fake(x, weight, bias) -> torch.Tensor:
         torch._check(x.dim() == 2, lambda: f"decode_linear: x must be [M, K], got {tuple(x.shape)}")
         return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("mrlhf::row_softmax_stats")
+    def _row_softmax_stats_fake(logits):
+        torch._check(logits.dim() == 2, lambda: f"row_softmax_stats: logits must be [B, V], got {tuple(logits.shape)}")
+        b = logits.shape[0]
+        return logits.new_empty((b,)), logits.new_empty((b,), dtype=torch.long), logits.new_empty((b,))
 
     @torch.library.register_fake("mrlhf::decode_attention")
     def _decode_attention_fake(q, k_cache, v_cache, starts, lengths, cos, sin, scale, num_splits) -> torch.Tensor:
@@ -138,3 +145,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         )
         return out.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def row_softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, V] logits -> (row max [B] float32, lowest index of the max [B] int64, sum(exp(x - max)) [B] float32).
+
+    exp(-inf) counts as exactly 0 (padding columns); a row holding a NaN gives NaN, like ``torch.max``. The compiled
+    CPU kernel serves float32 logits on the CPU; everything else goes to the torch twin."""
+    if logits.device.type == "cpu" and "cpu" in EXT_DEVICES and logits.dtype == torch.float32 and logits.dim() == 2:
+        return torch.ops.mrlhf.row_softmax_stats(logits.contiguous())
+    return reference.row_softmax_stats(logits)

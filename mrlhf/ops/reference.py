@@ -85,3 +85,14 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]: fp32 math, one rounding to x's dtype."""
     out = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return out.to(x.dtype)
+
+
+def row_softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, V] float32 -> (row max [B], lowest index of the max [B] int64, sum(exp(x - max)) [B]). An all -inf row
+    gives (-inf, 0, 0); a row holding a NaN gives (NaN, index of its first NaN, NaN), like torch.max."""
+    x = logits.float()
+    mx = x.max(dim=-1).values
+    arg = torch.argmax(x, dim=-1)
+    neg_inf = x == float("-inf")
+    sumexp = torch.where(neg_inf, torch.zeros_like(x), torch.exp(x - mx[:, None])).sum(dim=-1)
+    return mx, arg, sumexp
