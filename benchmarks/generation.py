@@ -125,10 +125,13 @@ def part_b(lengths: list[int], batch: int) -> None:
               f"{str(same):>12}")  # fmt: skip
 
 
-# Part (c) uses 8 layers; the last stage also runs the LM head (vocab 8000 x hidden 256 ~ 2.5 layers of work) and the
-# sampler, so it gets fewer layers (megatron's uneven first/last stage sizes) to balance the stages.
-STAGE_SPLIT = {2: ["parallel.first_stage_layers=5", "parallel.last_stage_layers=3"],
-               4: ["parallel.first_stage_layers=3", "parallel.last_stage_layers=1"]}  # fmt: skip
+# Part (c) uses 16 layers: with 8, one layer is an eighth of the model and no split balances two stages. The last stage
+# also runs the LM head (vocab 8000 x hidden 256, about one layer of decode work since the kernels of session 3) and
+# the sampler, so at PP=4 it gets fewer layers (megatron's uneven first/last stage sizes); at PP=2, 8/8 measured best
+# (9/7 and 7/9 leave one stage waiting for the other).
+C_LAYERS = 16
+STAGE_SPLIT = {2: ["parallel.first_stage_layers=8", "parallel.last_stage_layers=8"],
+               4: ["parallel.first_stage_layers=5", "parallel.last_stage_layers=3"]}  # fmt: skip
 
 
 def worker_c(out: str, slots: int, new_tokens: int, batch: int, n_prompts: int) -> None:
@@ -140,7 +143,7 @@ def worker_c(out: str, slots: int, new_tokens: int, batch: int, n_prompts: int) 
 
     pp = int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    cfg, ctx, model = build([f"parallel.pp={pp}", "model.num_layers=8", *STAGE_SPLIT.get(pp, [])])
+    cfg, ctx, model = build([f"parallel.pp={pp}", f"model.num_layers={C_LAYERS}", *STAGE_SPLIT.get(pp, [])])
     gen = GenerationConfig(max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0.0), micro_batch_size=batch,
                            num_slots=slots)  # fmt: skip
     result = Generator(model, gen, pad_id=0).generate(prompts(n_prompts))
@@ -150,7 +153,7 @@ def worker_c(out: str, slots: int, new_tokens: int, batch: int, n_prompts: int) 
 
 
 def part_c(pps: list[int], new_tokens: int) -> None:
-    print(f"\n(c) pipeline busy fraction per stage (gloo, 1 thread per rank), 8 layers, {new_tokens} new tokens, "
+    print(f"\n(c) pipeline busy fraction per stage (gloo, 1 thread per rank), {C_LAYERS} layers, {new_tokens} new tokens, "
           "96 prompts in microbatches of 16")  # fmt: skip
     print(f"{'PP':>3} {'schedule':>12} {'tok/s':>8} {'stage busy fractions':>30} {'mean':>6} "
           f"{'waiting in send/recv':>26}")  # fmt: skip

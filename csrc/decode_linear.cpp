@@ -183,7 +183,8 @@ MRLHF_AVX512 void block_avx512(const float* x, const T* w, const T* bias, T* y, 
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       wv[r] = load16(wr + r * K + k, mask);
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wr + r * K + k) + ahead, _MM_HINT_T1);
+      // the block ahead in address order: R lines per step of 16 columns cover R * K fp32 weights
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wr) + ahead + ((k / 16) * R + r) * 64, _MM_HINT_T1);
     }
 #pragma GCC unroll 6
     for (int c = 0; c < C; ++c) {

@@ -171,6 +171,52 @@ class Generator:
         if raw is not None and not inline:
             self._pending_sends.append(dist.isend(payload.contiguous(), nxt, group=group))
 
+    def _on_return(self, rheader: torch.Tensor, rpayload, slots, pending) -> bool:
+        """First stage: apply a frame that came back from the last stage (a slot's new tokens and done flags); True on
+        STOP."""
+        rkind = int(rheader[0])
+        if rkind == STOP:
+            return True
+        if rkind in (PREFILL, DECODE):
+            rs = int(rheader[1])
+            if bool(rpayload[1].bool().all()):
+                slots[rs] = None
+                pending.pop(rs, None)
+            else:
+                slots[rs].produced = int(rheader[3]) + 1
+                pending[rs] = rpayload[0]
+        return False
+
+    def _post_return(self) -> None:
+        """First stage, PP > 1: post the receive of one frame coming back from the last stage (always a single
+        frame: header + [2, rows] tokens/done flags)."""
+        frame = torch.empty(self.HEADER_BYTES + self._frame_bytes(to_first=True), dtype=torch.uint8, device=self.device)
+        work = dist.irecv(frame, ps.get_pipeline_model_parallel_prev_rank(), group=ps.get_pipeline_model_parallel_group())
+        self._returns.append((work, frame))
+
+    def _take_returns(self, slots, pending, need: int | None, until_stop: bool = False) -> bool:
+        """First stage, PP > 1: apply returned frames in order -- those already complete, then (blocking) until slot
+        ``need`` is no longer in flight, or until STOP comes back with ``until_stop``. True once STOP is seen."""
+        while self._returns:
+            work, frame = self._returns[0]
+            in_flight = need is not None and slots[need] is not None and need not in pending
+            if not (until_stop or in_flight) and not work.is_completed():
+                return False
+            start = time.perf_counter()
+            work.wait()
+            self._comm_s += time.perf_counter() - start
+            self._returns.popleft()
+            header = frame[: self.HEADER_BYTES].view(torch.long).cpu()
+            spec = self._payload_spec(header)
+            payload = None
+            if spec is not None:
+                shape, dtype = spec
+                nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+                payload = frame[self.HEADER_BYTES : self.HEADER_BYTES + nbytes].view(dtype).view(shape)
+            if self._on_return(header, payload, slots, pending):
+                return True
+        return False
+
     def _recv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The previous stage's next message (blocks until it arrives; the wait is counted in ``_comm_s``)."""
         if self.pp == 1:
@@ -239,11 +285,15 @@ class Generator:
         waiting = deque(range(len(mbs)))
         self._loop, self._pending_sends = [], []
         tick, stop_sent, busy_time, self._comm_s = 0, False, 0.0, 0.0
+        self._returns = deque()  # first stage, PP > 1: posted receives of the frames coming back, oldest first
+        ahead = self.first and self.pp > 1
         t0 = time.perf_counter()
         while True:
             # 1. what this stage works on now: the first stage decides, the others take the next message
             inp = None
             if self.first:
+                if ahead and not stop_sent:  # returned tokens: take what has arrived; wait only for this slot's
+                    self._take_returns(slots, pending, need=tick % num_slots)
                 header = None if stop_sent else self._decide(tick % num_slots, slots, pending, waiting, mbs)
             else:
                 header, inp = self._recv()
@@ -271,25 +321,22 @@ class Generator:
             # 3. pass it on; a non-first stage stops right after forwarding STOP
             if header is not None:
                 self._send(header, out_payload)
+                if ahead:  # every frame comes back around the ring: post its receive now
+                    self._post_return()
             if not self.first:
                 if kind == STOP:
                     break
                 continue
             stop_sent |= kind == STOP
-            # 4. first stage: once the ring is full, take back one message per tick (the new tokens of a slot)
-            if tick >= self.pp - 1 or stop_sent:
-                rheader, rpayload = self._recv()
-                rkind = int(rheader[0])
-                if rkind == STOP:
+            # 4. first stage: take back the new tokens of a slot. PP = 1: one message per tick from the local loop.
+            # PP > 1: receives are posted ahead (step 3) and taken as they complete (step 1), so with S > PP slots the
+            # round trip of one slot overlaps the compute of the next; after STOP, drain the ring.
+            if ahead:
+                if stop_sent and self._take_returns(slots, pending, need=None, until_stop=True):
                     break
-                if rkind in (PREFILL, DECODE):
-                    rs = int(rheader[1])
-                    if bool(rpayload[1].bool().all()):
-                        slots[rs] = None
-                        pending.pop(rs, None)
-                    else:
-                        slots[rs].produced = int(rheader[3]) + 1
-                        pending[rs] = rpayload[0]
+            else:
+                if self._on_return(*self._recv(), slots, pending):
+                    break
             tick += 1
         for work in self._pending_sends:
             work.wait()

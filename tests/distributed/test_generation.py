@@ -78,6 +78,9 @@ def test_slots_are_refilled_and_stops_are_per_sequence():
     for i, toks in enumerate(ref["tokens"]):  # sequences without that token are untouched
         if stop not in toks:
             assert s["tokens"][i] == toks and s["reasons"][i] == "length"
+    # the same stops through the PP2 ring with a spare slot (returns are received ahead and applied as they arrive)
+    (p, _) = run_ranks(generate_rank, 2, {"pp": 2}, "llama", GREEDY, {"num_slots": 3, "max_new_tokens": 12, "stop": [stop]})
+    assert p["tokens"] == s["tokens"] and p["reasons"] == s["reasons"] and p["logprobs"] == s["logprobs"]
 
 
 def test_stop_strings_end_a_sequence_where_the_text_first_contains_them():
