@@ -13,6 +13,9 @@ Engine) with no dropout, MoE or sequence parallelism; :func:`supports` says so a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -41,19 +44,85 @@ def supports(gpt) -> bool:
     return True
 
 
-def _column(linear, x: torch.Tensor, fused: bool) -> torch.Tensor:
+class _Layer(NamedTuple):
+    """One layer's modules and weights, looked up once per generation (attribute chains through torch.nn.Module
+    cost more than the arithmetic of a decode step at small batch)."""
+
+    input_norm: torch.nn.Module
+    qkv: tuple[torch.Tensor, torch.Tensor | None]
+    proj: tuple[torch.Tensor, torch.Tensor | None]
+    mlp_norm: torch.nn.Module
+    fc1: tuple[torch.Tensor, torch.Tensor | None]
+    fc2: tuple[torch.Tensor, torch.Tensor | None]
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    gated: bool
+    heads: int  # query heads on this TP rank
+    groups: int  # kv heads on this TP rank
+    head_dim: int
+    layer_number: int
+    softmax_scale: float
+
+
+class DecodePlan(NamedTuple):
+    layers: list[_Layer]
+    final_norm: torch.nn.Module | None
+    # first stage at TP = 1: (word embedding weight, learned position embedding weight or None); else None and
+    # the model's embedding module runs (vocab-parallel lookups need their all-reduce)
+    embedding: tuple[torch.Tensor, torch.Tensor | None] | None
+
+
+def embed(gpt, plan: DecodePlan, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """tokens/positions [b, 1] -> [1, b, h]: megatron's LanguageModelEmbedding at inference (word + position
+    lookups, then [s, b, h]), as two gathers and an add when the plan allows it."""
+    if plan.embedding is None:
+        return gpt.embedding(input_ids=tokens, position_ids=positions)
+    words, pos = plan.embedding
+    out = torch.nn.functional.embedding(tokens, words)
+    if pos is not None:
+        out = out + torch.nn.functional.embedding(positions, pos)
+    return out.transpose(0, 1).contiguous()
+
+
+def decode_plan(gpt) -> DecodePlan:
+    """The lean path's view of this stage's layers (parameters are referenced, not copied: updates in place, as the
+    optimizer and offload make them, are seen)."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    layers = []
+    for layer in gpt.decoder.layers:
+        attn, mlp, cfg = layer.self_attention, layer.mlp, layer.config
+        layers.append(
+            _Layer(
+                layer.input_layernorm, (attn.linear_qkv.weight, attn.linear_qkv.bias),
+                (attn.linear_proj.weight, attn.linear_proj.bias), layer.pre_mlp_layernorm,
+                (mlp.linear_fc1.weight, mlp.linear_fc1.bias), (mlp.linear_fc2.weight, mlp.linear_fc2.bias),
+                cfg.activation_func, bool(cfg.gated_linear_unit), cfg.num_attention_heads // tp,
+                cfg.num_query_groups // tp, cfg.kv_channels, layer.layer_number, attn.core_attention.softmax_scale,
+            )  # fmt: skip
+        )
+    final = gpt.decoder.final_layernorm if gpt.decoder.post_process else None
+    embedding = None
+    emb = getattr(gpt, "embedding", None) if gpt.pre_process else None
+    if emb is not None and tp == 1 and emb.tokentype_embeddings is None and not gpt.config.fp32_residual_connection:
+        pos = emb.position_embeddings.weight if emb.add_position_embedding else None
+        embedding = (emb.word_embeddings.weight, pos)
+    return DecodePlan(layers, final, embedding)
+
+
+def _column(wb: tuple[torch.Tensor, torch.Tensor | None], x: torch.Tensor, fused: bool) -> torch.Tensor:
     """ColumnParallelLinear without gather: matmul, then bias (megatron's order)."""
+    weight, bias = wb
     if fused:
-        return decode_linear(x, linear.weight, linear.bias)
-    out = torch.matmul(x, linear.weight.t())
-    return out if linear.bias is None else out + linear.bias
+        return decode_linear(x, weight, bias)
+    out = torch.matmul(x, weight.t())
+    return out if bias is None else out + bias
 
 
-def _row(linear, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _row(wb: tuple[torch.Tensor, torch.Tensor | None], x: torch.Tensor, fused: bool):
     """RowParallelLinear: partial matmul, all-reduce over TP; bias returned for the bias-dropout-add."""
-    out = decode_linear(x, linear.weight) if fused else torch.matmul(x, linear.weight.t())
+    weight, bias = wb
+    out = decode_linear(x, weight) if fused else torch.matmul(x, weight.t())
     comm.all_reduce_tp(out)
-    return out, linear.bias
+    return out, bias
 
 
 def _residual(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
@@ -64,34 +133,32 @@ def _residual(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
 
 
 @torch.no_grad()
-def decode_layers(gpt, hidden: torch.Tensor, state: DecodeState, fused: bool = False) -> torch.Tensor:
+def decode_layers(
+    gpt, hidden: torch.Tensor, state: DecodeState, fused: bool = False, plan: DecodePlan | None = None
+) -> torch.Tensor:
     """hidden [1, b, h] -> this stage's output [1, b, h] (final norm applied on the last stage). ``fused`` sends the
-    matmuls to ``kv_ops.decode_linear`` (fp32-rounding agreement with megatron instead of bit identity)."""
-    tp = ps.get_tensor_model_parallel_world_size()
-    for layer in gpt.decoder.layers:
-        attn = layer.self_attention
-        cfg = layer.config
-        heads = cfg.num_attention_heads // tp
-        groups = cfg.num_query_groups // tp
-        d = cfg.kv_channels
-        per = heads // groups
-        x = layer.input_layernorm(hidden)
-        mixed = _column(attn.linear_qkv, x, fused).view(1, x.shape[1], groups, (per + 2) * d)
+    matmuls to ``kv_ops.decode_linear`` (fp32-rounding agreement with megatron instead of bit identity). ``plan``
+    is :func:`decode_plan` of ``gpt``, built once per generation by the caller (built here when absent)."""
+    plan = decode_plan(gpt) if plan is None else plan
+    b = hidden.shape[1]
+    for layer in plan.layers:
+        d, per = layer.head_dim, layer.heads // layer.groups
+        x = layer.input_norm(hidden)
+        mixed = _column(layer.qkv, x, fused).view(1, b, layer.groups, (per + 2) * d)
         q, k, v = torch.split(mixed, [per * d, d, d], dim=3)
-        q = q.reshape(1, x.shape[1], heads, d)
-        ctx = cached_attention(state, layer.layer_number, q, k, v, attn.core_attention.softmax_scale)
-        out, bias = _row(attn.linear_proj, ctx, fused)
+        q = q.reshape(1, b, layer.heads, d)
+        ctx = cached_attention(state, layer.layer_number, q, k, v, layer.softmax_scale)
+        out, bias = _row(layer.proj, ctx, fused)
         hidden = _residual(out, bias, hidden)
-        x = layer.pre_mlp_layernorm(hidden)
-        mlp = layer.mlp
-        inter = _column(mlp.linear_fc1, x, fused)
-        if cfg.gated_linear_unit:
-            a, b = torch.chunk(inter, 2, dim=-1)
-            inter = cfg.activation_func(a) * b
+        x = layer.mlp_norm(hidden)
+        inter = _column(layer.fc1, x, fused)
+        if layer.gated:
+            a, g = torch.chunk(inter, 2, dim=-1)
+            inter = layer.activation(a) * g
         else:
-            inter = cfg.activation_func(inter)
-        out, bias = _row(mlp.linear_fc2, inter, fused)
+            inter = layer.activation(inter)
+        out, bias = _row(layer.fc2, inter, fused)
         hidden = _residual(out, bias, hidden)
-    if gpt.decoder.post_process and gpt.decoder.final_layernorm is not None:
-        hidden = gpt.decoder.final_layernorm(hidden)
+    if plan.final_norm is not None:
+        hidden = plan.final_norm(hidden)
     return hidden

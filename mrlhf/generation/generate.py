@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from mrlhf.data.collate import collate_prompts
-from mrlhf.generation.fast_decode import decode_layers, supports
+from mrlhf.generation.fast_decode import decode_layers, decode_plan, embed, supports
 from mrlhf.generation.sampling import SamplingParams, sample_tokens
 from mrlhf.models.backbone import backbone_forward
 from mrlhf.models.heads import vocab_parallel_logits
@@ -93,6 +93,7 @@ class Generator:
         self.fast = fast_decode and supports(self.gpt)
         # decode-step matmuls (layers and LM head) through mrlhf::decode_linear where it has a kernel (CPU)
         self.fused = self.fast and fused_linear and has_decode_linear(self.device)
+        self.plan = decode_plan(self.gpt) if self.fast else None
         if gen.stop_strings and decode_text is None:
             raise ValueError("stop strings need decode_text (a tokenizer's decode)")
 
@@ -128,8 +129,8 @@ class Generator:
             toks, positions, mask = tokens["tokens"], tokens["position_ids"], tokens["attention_mask"]
         if tokens is None and self.fast:
             with torch.no_grad():
-                hidden = self.gpt.embedding(input_ids=toks, position_ids=positions) if self.first else inp
-                return decode_layers(self.gpt, hidden, state, self.fused)
+                hidden = embed(self.gpt, self.plan, toks, positions) if self.first else inp
+                return decode_layers(self.gpt, hidden, state, self.fused, self.plan)
         with decoding(state), torch.no_grad():
             rope_in_op = tokens is None and self.rope is not None
             hidden = backbone_forward(self.gpt, toks, positions, mask, input_tensor=inp, rope=not rope_in_op)

@@ -129,19 +129,23 @@ DECODE_LINEAR_MAX_ROWS = 32
 """Above this many rows BLAS is as fast (measured: parity at 64 rows, see csrc/decode_linear.cpp)."""
 
 
+_CPU_KERNELS = "cpu" in EXT_DEVICES
+
+
 def has_decode_linear(device: torch.device) -> bool:
     """Whether :func:`decode_linear` runs the compiled kernel for tensors on ``device`` (the CPU kernel only)."""
-    return device.type == "cpu" and "cpu" in EXT_DEVICES
+    return device.type == "cpu" and _CPU_KERNELS
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K]^T (+ bias) -> [..., N], accumulated in fp32. The compiled CPU kernel serves up to
     :data:`DECODE_LINEAR_MAX_ROWS` rows; larger inputs and other devices use ``torch.nn.functional.linear`` (cuBLAS
     streams skinny products well on GPUs). Results agree with a matmul to fp32 rounding, not bit for bit."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows <= DECODE_LINEAR_MAX_ROWS and has_decode_linear(x.device) and x.dtype == weight.dtype:
+    k = x.shape[-1]
+    rows = x.numel() // max(k, 1)
+    if rows <= DECODE_LINEAR_MAX_ROWS and _CPU_KERNELS and x.device.type == "cpu" and x.dtype == weight.dtype:
         out = torch.ops.mrlhf.decode_linear(
-            x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
+            x.reshape(rows, k).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
         )
         return out.view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
@@ -152,6 +156,6 @@ def row_softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
     exp(-inf) counts as exactly 0 (padding columns); a row holding a NaN gives NaN, like ``torch.max``. The compiled
     CPU kernel serves float32 logits on the CPU; everything else goes to the torch twin."""
-    if logits.device.type == "cpu" and "cpu" in EXT_DEVICES and logits.dtype == torch.float32 and logits.dim() == 2:
+    if _CPU_KERNELS and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
         return torch.ops.mrlhf.row_softmax_stats(logits.contiguous())
     return reference.row_softmax_stats(logits)
