@@ -8,6 +8,10 @@
 // Accumulation is fp32 for every dtype; bf16/fp16 outputs are rounded once at the end.
 //
 // x [M, K], weight [N, K] (nn.Linear layout), bias [N] or none, all contiguous and of one dtype -> y [M, N].
+// Optional epilogue (float32 only), applied per thread to the output columns it just wrote while they are in cache:
+//   y = residual + act(x @ weight^T + bias), act "none" or "gelu_tanh" (GPT-2's GELU, tanh form; tanh from the
+//   shared exp polynomial, |error| < 1e-6), residual [M, N] or none. Saves the decode step's separate GELU and
+//   bias-dropout-add passes (and their Python calls) where no all-reduce sits between the matmul and the add.
 // The AVX2/FMA path is chosen at run time (__builtin_cpu_supports); other CPUs get the portable loop.
 // mrlhf/ops/reference.py::decode_linear is the twin (fp32 matmul, then the output dtype).
 
@@ -16,9 +20,11 @@
 #include <torch/library.h>
 
 #include "cpu_isa.h"
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -237,8 +243,71 @@ MRLHF_AVX512 void rows_avx512(const float* x, const T* w, const T* bias, T* y, i
 }
 #endif
 
+// ---- epilogue: y[m, n0:n1] = residual[m, n0:n1] + act(y[m, n0:n1]) ----
+constexpr float kGeluBeta = 0.7978845608028654f;  // sqrt(2 / pi), as torch's gelu(approximate="tanh")
+constexpr float kGeluKappa = 0.044715f;
+
+inline float gelu_tanh_scalar(float v) {
+  const float inner = kGeluBeta * (v + kGeluKappa * v * v * v);
+  const float t = 1.f - 2.f / (exp_poly(2.f * inner) + 1.f);  // tanh(inner); exp_poly clamps, so |t| <= 1
+  return 0.5f * v * (1.f + t);
+}
+
+void epilogue_portable(float* y, const float* r, int64_t len, bool gelu) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float v = gelu ? gelu_tanh_scalar(y[i]) : y[i];
+    y[i] = r ? r[i] + v : v;
+  }
+}
+
+#ifdef MRLHF_X86
+MRLHF_AVX512 void epilogue_avx512(float* y, const float* r, int64_t len, bool gelu) {
+  const __m512 beta = _mm512_set1_ps(kGeluBeta), kappa = _mm512_set1_ps(kGeluKappa), one = _mm512_set1_ps(1.f);
+  const __m512 two = _mm512_set1_ps(2.f), half = _mm512_set1_ps(0.5f);
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, y + i);
+    if (gelu) {
+      const __m512 inner = _mm512_mul_ps(beta, _mm512_fmadd_ps(_mm512_mul_ps(kappa, v), _mm512_mul_ps(v, v), v));
+      const __m512 e = exp16_avx512(_mm512_mul_ps(two, inner));
+      const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)));
+      v = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, t));
+    }
+    if (r) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, r + i), v);
+    _mm512_mask_storeu_ps(y + i, m, v);
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void epilogue_avx2(float* y, const float* r, int64_t len, bool gelu) {
+  const __m256 beta = _mm256_set1_ps(kGeluBeta), kappa = _mm256_set1_ps(kGeluKappa), one = _mm256_set1_ps(1.f);
+  const __m256 two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(0.5f);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256 v = _mm256_loadu_ps(y + i);
+    if (gelu) {
+      const __m256 inner = _mm256_mul_ps(beta, _mm256_fmadd_ps(_mm256_mul_ps(kappa, v), _mm256_mul_ps(v, v), v));
+      const __m256 e = exp8_avx2(_mm256_mul_ps(two, inner));
+      const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+      v = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t));
+    }
+    if (r) v = _mm256_add_ps(_mm256_loadu_ps(r + i), v);
+    _mm256_storeu_ps(y + i, v);
+  }
+  epilogue_portable(y + i, r ? r + i : nullptr, len - i, gelu);
+}
+#endif
+
+void epilogue(CpuIsa isa, float* y, const float* r, int64_t len, bool gelu) {
+#ifdef MRLHF_X86
+  if (isa == CpuIsa::kAvx512) return epilogue_avx512(y, r, len, gelu);
+  if (isa == CpuIsa::kAvx2) return epilogue_avx2(y, r, len, gelu);
+#endif
+  epilogue_portable(y, r, len, gelu);
+}
+
 template <typename T>
-void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& y) {
+void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& y,
+         const float* residual, bool gelu) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   // Inputs in fp32 once (M x K is tiny); the weights stay in their dtype and are converted as they stream by.
   at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
@@ -254,16 +323,25 @@ void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tenso
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = 4 * b0, n1 = std::min(N, 4 * b1);
 #ifdef MRLHF_X86
-    if (isa == CpuIsa::kAvx512) return rows_avx512<T>(xp, wp, bp, yp, M, N, K, n0, n1);
-    if (isa == CpuIsa::kAvx2) return rows_avx2<T>(xp, wp, bp, yp, M, N, K, n0, n1);
+    if (isa == CpuIsa::kAvx512)
+      rows_avx512<T>(xp, wp, bp, yp, M, N, K, n0, n1);
+    else if (isa == CpuIsa::kAvx2)
+      rows_avx2<T>(xp, wp, bp, yp, M, N, K, n0, n1);
+    else
 #endif
-    rows_portable<T>(xp, wp, bp, yp, M, N, K, n0, n1);
+      rows_portable<T>(xp, wp, bp, yp, M, N, K, n0, n1);
+    if constexpr (std::is_same_v<T, float>) {
+      if (residual != nullptr || gelu)
+        for (int64_t m = 0; m < M; ++m)
+          epilogue(isa, yp + m * N + n0, residual ? residual + m * N + n0 : nullptr, n1 - n0, gelu);
+    }
   });
 }
 
 }  // namespace
 
-at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual, c10::string_view activation) {
   const char* op = "decode_linear";
   TORCH_CHECK(x.dim() == 2, op, ": x must be [M, K], got ", x.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must be [N, ", x.size(1), "], got ",
@@ -278,19 +356,33 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                 "], got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == st && bias->is_contiguous(), op, ": bias must be contiguous ", st);
   }
+  TORCH_CHECK(activation == "none" || activation == "gelu_tanh", op,
+              ": activation must be 'none' or 'gelu_tanh', got '", std::string(activation), "'");
+  const bool gelu = activation == "gelu_tanh";
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == x.size(0) && residual->size(1) == weight.size(0), op,
+                ": residual must be [", x.size(0), ", ", weight.size(0), "], got ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == st && residual->is_contiguous(), op, ": residual must be contiguous ", st);
+  }
+  TORCH_CHECK(st == at::kFloat || (!gelu && !residual.has_value()), op,
+              ": the activation/residual epilogue is float32 only, got ", st);
   at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
   if (y.numel() == 0) return y;
   if (st == at::kFloat)
-    run<float>(x, weight, bias, y);
+    run<float>(x, weight, bias, y, residual.has_value() ? residual->data_ptr<float>() : nullptr, gelu);
   else if (st == at::kBFloat16)
-    run<c10::BFloat16>(x, weight, bias, y);
+    run<c10::BFloat16>(x, weight, bias, y, nullptr, false);
   else
-    run<c10::Half>(x, weight, bias, y);
+    run<c10::Half>(x, weight, bias, y, nullptr, false);
   return y;
 }
 
 }  // namespace mrlhf
 
-TORCH_LIBRARY_FRAGMENT(mrlhf, m) { m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(mrlhf, m) {
+  m.def(
+      "decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, str activation=\"none\") "
+      "-> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(mrlhf, CPU, m) { m.impl("decode_linear", &mrlhf::decode_linear_cpu); }

@@ -21,6 +21,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP
 
+from mrlhf.config import gelu_tanh
 from mrlhf.ops.kv_cache import DecodeState, cached_attention
 from mrlhf.ops.kv_ops import decode_linear
 from mrlhf.parallel import comm
@@ -56,6 +57,7 @@ class _Layer(NamedTuple):
     fc2: tuple[torch.Tensor, torch.Tensor | None]
     activation: Callable[[torch.Tensor], torch.Tensor]
     gated: bool
+    gelu_tanh: bool  # the activation is GPT-2's GELU, which decode_linear can apply in its epilogue
     heads: int  # query heads on this TP rank
     groups: int  # kv heads on this TP rank
     head_dim: int
@@ -65,6 +67,7 @@ class _Layer(NamedTuple):
 
 class DecodePlan(NamedTuple):
     layers: list[_Layer]
+    tp: int
     final_norm: torch.nn.Module | None
     # first stage at TP = 1: (word embedding weight, learned position embedding weight or None); else None and
     # the model's embedding module runs (vocab-parallel lookups need their all-reduce)
@@ -95,7 +98,8 @@ def decode_plan(gpt) -> DecodePlan:
                 layer.input_layernorm, (attn.linear_qkv.weight, attn.linear_qkv.bias),
                 (attn.linear_proj.weight, attn.linear_proj.bias), layer.pre_mlp_layernorm,
                 (mlp.linear_fc1.weight, mlp.linear_fc1.bias), (mlp.linear_fc2.weight, mlp.linear_fc2.bias),
-                cfg.activation_func, bool(cfg.gated_linear_unit), cfg.num_attention_heads // tp,
+                cfg.activation_func, bool(cfg.gated_linear_unit), cfg.activation_func is gelu_tanh,
+                cfg.num_attention_heads // tp,
                 cfg.num_query_groups // tp, cfg.kv_channels, layer.layer_number, attn.core_attention.softmax_scale,
             )  # fmt: skip
         )
@@ -105,7 +109,7 @@ def decode_plan(gpt) -> DecodePlan:
     if emb is not None and tp == 1 and emb.tokentype_embeddings is None and not gpt.config.fp32_residual_connection:
         pos = emb.position_embeddings.weight if emb.add_position_embedding else None
         embedding = (emb.word_embeddings.weight, pos)
-    return DecodePlan(layers, final, embedding)
+    return DecodePlan(layers, tp, final, embedding)
 
 
 def _column(wb: tuple[torch.Tensor, torch.Tensor | None], x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -141,6 +145,10 @@ def decode_layers(
     is :func:`decode_plan` of ``gpt``, built once per generation by the caller (built here when absent)."""
     plan = decode_plan(gpt) if plan is None else plan
     b = hidden.shape[1]
+    # With the kernel and no all-reduce between a row-parallel matmul and its residual add (TP = 1), the bias and
+    # residual adds run in decode_linear's epilogue (same fp32 operations in the same order: residual + (xW + b));
+    # so does GPT-2's GELU after the first MLP matmul.
+    fuse_residual = fused and plan.tp == 1
     for layer in plan.layers:
         d, per = layer.head_dim, layer.heads // layer.groups
         x = layer.input_norm(hidden)
@@ -148,17 +156,26 @@ def decode_layers(
         q, k, v = torch.split(mixed, [per * d, d, d], dim=3)
         q = q.reshape(1, b, layer.heads, d)
         ctx = cached_attention(state, layer.layer_number, q, k, v, layer.softmax_scale)
-        out, bias = _row(layer.proj, ctx, fused)
-        hidden = _residual(out, bias, hidden)
-        x = layer.mlp_norm(hidden)
-        inter = _column(layer.fc1, x, fused)
-        if layer.gated:
-            a, g = torch.chunk(inter, 2, dim=-1)
-            inter = layer.activation(a) * g
+        if fuse_residual:
+            hidden = decode_linear(ctx, *layer.proj, residual=hidden)
         else:
-            inter = layer.activation(inter)
-        out, bias = _row(layer.fc2, inter, fused)
-        hidden = _residual(out, bias, hidden)
+            out, bias = _row(layer.proj, ctx, fused)
+            hidden = _residual(out, bias, hidden)
+        x = layer.mlp_norm(hidden)
+        if fused and layer.gelu_tanh and not layer.gated:
+            inter = decode_linear(x, *layer.fc1, activation="gelu_tanh")
+        else:
+            inter = _column(layer.fc1, x, fused)
+            if layer.gated:
+                a, g = torch.chunk(inter, 2, dim=-1)
+                inter = layer.activation(a) * g
+            else:
+                inter = layer.activation(inter)
+        if fuse_residual:
+            hidden = decode_linear(inter, *layer.fc2, residual=hidden)
+        else:
+            out, bias = _row(layer.fc2, inter, fused)
+            hidden = _residual(out, bias, hidden)
     if plan.final_norm is not None:
         hidden = plan.final_norm(hidden)
     return hidden

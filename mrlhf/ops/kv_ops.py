@@ -65,7 +65,7 @@ if EXT_DEVICES:
         torch._check(k_new.shape == v_new.shape, lambda: "kv_append: k_new and v_new shapes differ")
 
     @torch.library.register_fake("mrlhf::decode_linear")
-    def _decode_linear_fake(x, weight, bias) -> torch.Tensor:
+    def _decode_linear_fake(x, weight, bias, residual=None, activation="none") -> torch.Tensor:
         torch._check(x.dim() == 2, lambda: f"decode_linear: x must be [M, K], got {tuple(x.shape)}")
         return x.new_empty((x.shape[0], weight.shape[0]))
 
@@ -137,18 +137,41 @@ def has_decode_linear(device: torch.device) -> bool:
     return device.type == "cpu" and _CPU_KERNELS
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight [N, K]^T (+ bias) -> [..., N], accumulated in fp32. The compiled CPU kernel serves up to
-    :data:`DECODE_LINEAR_MAX_ROWS` rows; larger inputs and other devices use ``torch.nn.functional.linear`` (cuBLAS
-    streams skinny products well on GPUs). Results agree with a matmul to fp32 rounding, not bit for bit."""
+def decode_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str = "none",
+) -> torch.Tensor:
+    """residual + act(x [..., K] @ weight [N, K]^T + bias) -> [..., N], accumulated in fp32; ``activation`` is "none"
+    or "gelu_tanh", ``residual`` has the output's shape. The compiled CPU kernel serves up to
+    :data:`DECODE_LINEAR_MAX_ROWS` rows (the activation/residual epilogue in float32 only); larger inputs and other
+    devices use ``torch.nn.functional.linear`` and torch ops (cuBLAS streams skinny products well on GPUs). Results
+    agree with the torch ops to fp32 rounding, not bit for bit."""
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
-    if rows <= DECODE_LINEAR_MAX_ROWS and _CPU_KERNELS and x.device.type == "cpu" and x.dtype == weight.dtype:
+    epilogue = residual is not None or activation != "none"
+    if (
+        rows <= DECODE_LINEAR_MAX_ROWS
+        and _CPU_KERNELS
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and (not epilogue or x.dtype == torch.float32)
+    ):
+        n = weight.shape[0]
+        res = None if residual is None else residual.reshape(rows, n).contiguous()
         out = torch.ops.mrlhf.decode_linear(
-            x.reshape(rows, k).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
-        )
-        return out.view(*x.shape[:-1], weight.shape[0])
-    return torch.nn.functional.linear(x, weight, bias)
+            x.reshape(rows, k).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), res,
+            activation,
+        )  # fmt: skip
+        return out.view(*x.shape[:-1], n)
+    out = torch.nn.functional.linear(x, weight, bias)
+    if activation == "gelu_tanh":
+        out = torch.nn.functional.gelu(out, approximate="tanh")
+    elif activation != "none":
+        raise ValueError(f"decode_linear: activation must be 'none' or 'gelu_tanh', got {activation!r}")
+    return out if residual is None else residual + out
 
 
 def row_softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -81,9 +81,22 @@ def decode_attention(
     return out.reshape(B, H, D).to(q.dtype)
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]: fp32 math, one rounding to x's dtype."""
+def decode_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    activation: str = "none",
+) -> torch.Tensor:
+    """residual + act(x [M, K] @ weight [N, K]^T + bias [N]) -> [M, N]: fp32 math, one rounding to x's dtype.
+    ``activation`` is "none" or "gelu_tanh" (torch's gelu, tanh approximation); ``residual`` [M, N] or None."""
+    if activation not in ("none", "gelu_tanh"):
+        raise ValueError(f"decode_linear: activation must be 'none' or 'gelu_tanh', got {activation!r}")
     out = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    if activation == "gelu_tanh":
+        out = torch.nn.functional.gelu(out, approximate="tanh")
+    if residual is not None:
+        out = residual.float() + out
     return out.to(x.dtype)
 
 

@@ -93,6 +93,53 @@ def test_wrapper_shapes_rows_and_fallback():
         assert torch.ops.mrlhf.decode_linear(torch.empty(3, 24), torch.empty(10, 24), None).shape == (3, 10)
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 7, 13), (16, 1024, 256), (5, 33, 40), (16, 8000, 64)])
+@pytest.mark.parametrize("activation,with_residual", [("gelu_tanh", False), ("gelu_tanh", True), ("none", True)])
+def test_epilogue_matches_reference(shape, activation, with_residual, cpu_isa):
+    """y = residual + act(x W^T + b) in float32: GELU (tanh form) over large and small arguments, the residual add,
+    column ranges that are not a multiple of the vector width (each thread applies it to its own columns)."""
+    x, w, b = case(shape, torch.float32, seed=sum(shape))
+    x = x * 6  # pre-activations over about [-15, 15]: both GELU tails and the middle
+    r = torch.randn(shape[0], shape[1]) if with_residual else None
+    got = torch.ops.mrlhf.decode_linear(x, w, b, r, activation)
+    want = reference.decode_linear(x, w, b, r, activation)
+    err = (got - want).abs().max().item()
+    assert err <= 2e-5, (shape, activation, with_residual, err)  # outputs up to ~15: a few fp32 ulps
+
+
+def test_epilogue_gelu_against_float64(cpu_isa):
+    """The kernel's GELU (tanh from the exp polynomial) against a float64 GELU: within 1e-6 absolute per element
+    over [-20, 20] (x times a 1 x 1 identity weight is exact, so only the epilogue is measured)."""
+    v = torch.linspace(-20, 20, 4001)
+    got = torch.ops.mrlhf.decode_linear(v[:, None].contiguous(), torch.eye(1), None, None, "gelu_tanh")[:, 0]
+    want = torch.nn.functional.gelu(v.double(), approximate="tanh")
+    assert (got.double() - want).abs().max().item() <= 1e-6
+
+
+def test_epilogue_errors_and_wrapper_fallback():
+    x, w, b = case((4, 6, 8), torch.float32)
+    with pytest.raises(RuntimeError, match="activation must be 'none' or 'gelu_tanh', got 'relu'"):
+        torch.ops.mrlhf.decode_linear(x, w, b, None, "relu")
+    with pytest.raises(RuntimeError, match=r"residual must be \[4, 6\]"):
+        torch.ops.mrlhf.decode_linear(x, w, b, torch.zeros(4, 5), "none")
+    with pytest.raises(RuntimeError, match="epilogue is float32 only"):
+        torch.ops.mrlhf.decode_linear(x.bfloat16(), w.bfloat16(), b.bfloat16(), None, "gelu_tanh")
+    with pytest.raises(ValueError, match="got 'relu'"):
+        kv_ops.decode_linear(x.double(), w.double(), b.double(), activation="relu")
+    # the wrapper: [..., K] with a [..., N] residual through the kernel; bf16 and > 32 rows through torch ops
+    r = torch.randn(1, 4, 6)
+    got = kv_ops.decode_linear(x.view(1, 4, 8), w, b, residual=r, activation="gelu_tanh")
+    torch.testing.assert_close(got[0], reference.decode_linear(x, w, b, r[0], "gelu_tanh"), atol=1e-5, rtol=0)
+    xb, wb, bb, rb = x.bfloat16(), w.bfloat16(), b.bfloat16(), r[0].bfloat16()
+    want = rb + torch.nn.functional.gelu(torch.nn.functional.linear(xb, wb, bb), approximate="tanh")
+    assert torch.equal(kv_ops.decode_linear(xb, wb, bb, residual=rb, activation="gelu_tanh"), want)
+    big, _, _ = case((kv_ops.DECODE_LINEAR_MAX_ROWS + 1, 6, 8), torch.float32)
+    rbig = torch.randn(big.shape[0], 6)
+    want = rbig + torch.nn.functional.gelu(torch.nn.functional.linear(big, w, b), approximate="tanh")
+    assert torch.equal(kv_ops.decode_linear(big, w, b, residual=rbig, activation="gelu_tanh"), want)
+    torch.library.opcheck(torch.ops.mrlhf.decode_linear.default, (x, w, b, torch.randn(4, 6), "gelu_tanh"))
+
+
 def test_cpu_isa_switch_and_errors():
     """mrlhf::cpu_isa reports the path in use, switches paths, refuses unknown names and paths the CPU lacks; the best
     path agrees with what torch detected for its own kernels."""
