@@ -53,7 +53,8 @@ def describe_backend() -> str:
         return f"KV-cache ops: torch reference ({_REFERENCE_REASON})"
     compiled = ", ".join(sorted(EXT_DEVICES - {"meta"}))
     return (
-        f"KV-cache ops: {BACKEND}, compiled kernels for {compiled}; other devices use the torch reference; "
+        f"KV-cache ops: {BACKEND}, compiled kernels for {compiled} (CPU vector path: {torch.ops.mrlhf.cpu_isa()}); "
+        f"other devices use the torch reference; "
         f"decode matmuls: {'mrlhf::decode_linear (cpu, <= 32 rows)' if 'cpu' in EXT_DEVICES else 'torch'}"
     )
 

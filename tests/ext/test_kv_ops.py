@@ -220,6 +220,7 @@ def test_opcheck(shape, rope):
 def test_wrappers_use_the_extension_and_fake_impls():
     assert kv_ops.BACKEND.startswith("mrlhf._C")
     assert "compiled kernels for cpu" in kv_ops.describe_backend()
+    assert f"CPU vector path: {torch.ops.mrlhf.cpu_isa()}" in kv_ops.describe_backend()
     c = make_case(SHAPES[0], torch.float32, rope=True, seed=2, device="meta")
     out = kv_ops.decode_attention(c["q"], c["k_cache"], c["v_cache"], c["starts"], c["lengths"], c["q_cos"], c["q_sin"])
     assert out.device.type == "meta" and out.shape == c["q"].shape
