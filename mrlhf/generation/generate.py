@@ -175,16 +175,17 @@ class Generator:
     def _on_return(self, rheader: torch.Tensor, rpayload, slots, pending) -> bool:
         """First stage: apply a frame that came back from the last stage (a slot's new tokens and done flags); True on
         STOP."""
-        rkind = int(rheader[0])
+        rh = rheader.tolist()  # one conversion instead of an indexing op per field
+        rkind = rh[0]
         if rkind == STOP:
             return True
         if rkind in (PREFILL, DECODE):
-            rs = int(rheader[1])
+            rs = rh[1]
             if bool(rpayload[1].bool().all()):
                 slots[rs] = None
                 pending.pop(rs, None)
             else:
-                slots[rs].produced = int(rheader[3]) + 1
+                slots[rs].produced = rh[3] + 1
                 pending[rs] = rpayload[0]
         return False
 
@@ -247,7 +248,7 @@ class Generator:
         return header, buf
 
     def _payload_spec(self, header: torch.Tensor):
-        kind, _, mb, _, b, t = (int(x) for x in header[:6])
+        kind, _, mb, _, b, t = header[:6].tolist()
         if kind not in (PREFILL, DECODE):
             return None
         if self.first:  # from the last stage: sampled tokens and done flags
@@ -298,16 +299,17 @@ class Generator:
                 header = None if stop_sent else self._decide(tick % num_slots, slots, pending, waiting, mbs)
             else:
                 header, inp = self._recv()
-            kind = IDLE if header is None else int(header[0])
+            fields = None if header is None else header.tolist()
+            kind = IDLE if fields is None else fields[0]
             # 2. compute
             out_payload = None
             if kind in (PREFILL, DECODE):
                 start = time.perf_counter()
-                s, m = int(header[1]), int(header[2])
+                s, m = fields[1], fields[2]
                 if kind == PREFILL and not self.first:
                     slots[s] = _Slot(m, mbs[m]["seq_ids"], mbs[m]["tokens"].shape[1], mbs[m]["starts"])
                 sl = slots[s]
-                sl.produced = int(header[3])
+                sl.produced = fields[3]
                 batch = dict(mbs[m])
                 if kind == DECODE and self.first:
                     batch["next"] = pending.pop(s)
@@ -384,20 +386,24 @@ class Generator:
         rows = ids[active]
         out_tokens[rows, j] = toks[active]
         out_logprobs[rows, j] = lps[active]
-        reason = torch.full_like(toks, -1)
-        if self.gen.stop_token_ids:
-            reason[torch.isin(toks, torch.tensor(self.gen.stop_token_ids))] = 1
-        if self.gen.stop_strings:
-            for row in (active & (reason < 0)).nonzero().flatten().tolist():
-                text = self.decode_text(out_tokens[int(ids[row]), : j + 1].tolist())
-                if any(stop in text for stop in self.gen.stop_strings):
-                    reason[row] = 2
-        if j + 1 == self.gen.max_new_tokens:
-            reason[reason < 0] = 0
-        ending = active & (reason >= 0)
-        done[ids[ending]] = True
-        out_len[ids[ending]] = j + 1
-        out_reason[ids[ending]] = reason[ending]
+        last = j + 1 == self.gen.max_new_tokens
+        if self.gen.stop_token_ids or self.gen.stop_strings or last:  # else no sequence can end at this token
+            reason = torch.full_like(toks, -1)
+            if self.gen.stop_token_ids:
+                reason[torch.isin(toks, torch.tensor(self.gen.stop_token_ids))] = 1
+            if self.gen.stop_strings:
+                for row in (active & (reason < 0)).nonzero().flatten().tolist():
+                    text = self.decode_text(out_tokens[int(ids[row]), : j + 1].tolist())
+                    if any(stop in text for stop in self.gen.stop_strings):
+                        reason[row] = 2
+            if last:
+                reason[reason < 0] = 0
+            ending = active & (reason >= 0)
+            if bool(ending.any()):
+                ended = ids[ending]
+                done[ended] = True
+                out_len[ended] = j + 1
+                out_reason[ended] = reason[ending]
         return torch.stack([toks, done[ids].long()]).to(self.device)
 
 
