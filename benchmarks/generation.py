@@ -125,13 +125,13 @@ def part_b(lengths: list[int], batch: int) -> None:
               f"{str(same):>12}")  # fmt: skip
 
 
-# Part (c) uses 16 layers: with 8, one layer is an eighth of the model and no split balances two stages. The last stage
-# also runs the LM head (vocab 8000 x hidden 256, about one layer of decode work since the kernels of session 3) and
-# the sampler, so at PP=4 it gets fewer layers (megatron's uneven first/last stage sizes); at PP=2, 8/8 measured best
-# (9/7 and 7/9 leave one stage waiting for the other).
-C_LAYERS = 16
-STAGE_SPLIT = {2: ["parallel.first_stage_layers=8", "parallel.last_stage_layers=8"],
-               4: ["parallel.first_stage_layers=5", "parallel.last_stage_layers=3"]}  # fmt: skip
+# Part (c) uses 24 layers so that whole layers can balance the stages (with 8, one layer is an eighth of the model).
+# The last stage also runs the LM head (vocab 8000 x hidden 256, about two layers of decode work) and the sampler,
+# so it gets fewer layers (megatron's uneven first/last stage sizes): 13/11 at PP=2 (12/12 leaves the first stage
+# waiting ~20% of the time for the second), 7/6/6/5 at PP=4.
+C_LAYERS = 24
+STAGE_SPLIT = {2: ["parallel.first_stage_layers=13", "parallel.last_stage_layers=11"],
+               4: ["parallel.first_stage_layers=7", "parallel.last_stage_layers=5"]}  # fmt: skip
 
 
 def worker_c(out: str, slots: int, new_tokens: int, batch: int, n_prompts: int) -> None:
