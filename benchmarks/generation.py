@@ -5,9 +5,10 @@
 (c) pipeline busy fraction per stage at PP=2 and PP=4 on gloo: S >= PP interleaved slots (S = PP, and PP + 1 for one
     tick of slack) vs one microbatch walking the pipeline (S = 1).
 
-    .venv/bin/python benchmarks/generation.py [--parts a b c p] [--quick]
+    .venv/bin/python benchmarks/generation.py [--parts a b c p k] [--quick]
 
 (p) where a decode step's time goes (torch profiler), at batch 4 and 16.
+(k) the CPU kernels alone (decode_linear, decode_attention), cold and hot, against their torch counterparts.
 
 Model: GPT-2 shaped, 4 layers, hidden 256, 4 heads, vocab 8000, random weights (speed does not depend on them).
 """
@@ -205,9 +206,66 @@ def part_p(batches: list[int], new_tokens: int) -> None:
             print(f"  {e.key:<32} {e.self_cpu_time_total / 1e3 / new_tokens:>7.3f} ms/step {e.count / new_tokens:>6.1f} calls")
 
 
+def part_k() -> None:
+    """The CPU kernels alone, weights/caches cold (cycled through ~100 MB so each call reads DRAM) and hot (one
+    buffer, in L3), against their torch counterparts on the same data: F.linear, the reference attention, and
+    torch.sum over the same cache bytes (what the memory system gives a plain streaming read)."""
+    import torch
+    import torch.nn.functional as F
+
+    from mrlhf.ops import reference
+
+    def per_call(fn, reps: int = 100) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps * 1e6
+
+    def cycled(make, total_bytes: int, one_bytes: int):
+        bufs = [make() for _ in range(max(2, total_bytes // one_bytes))]
+        state = {"i": 0}
+
+        def nxt():
+            state["i"] = (state["i"] + 1) % len(bufs)
+            return bufs[state["i"]]
+
+        return bufs[0], nxt
+
+    print(f"\n(k) CPU kernels alone, us per call, path {torch.ops.mrlhf.cpu_isa()} (cold: weights/cache cycled through "
+          "~100 MB; hot: one buffer)")  # fmt: skip
+    print(f"{'decode_linear N x K':>20} {'rows':>5} {'ours cold':>10} {'F.linear cold':>14} {'ratio':>6} "
+          f"{'ours hot':>9} {'F.linear hot':>13}")  # fmt: skip
+    for n, k in ((8000, 256), (1024, 256), (256, 1024), (768, 256)):
+        hot, nxt = cycled(lambda n=n, k=k: torch.randn(n, k), 100 << 20, n * k * 4)
+        for m in (1, 4, 16):
+            x = torch.randn(m, k)
+            ours_c = per_call(lambda x=x, nxt=nxt: torch.ops.mrlhf.decode_linear(x, nxt(), None))
+            blas_c = per_call(lambda x=x, nxt=nxt: F.linear(x, nxt()))
+            ours_h = per_call(lambda x=x, hot=hot: torch.ops.mrlhf.decode_linear(x, hot, None))
+            blas_h = per_call(lambda x=x, hot=hot: F.linear(x, hot))
+            print(f"{f'{n} x {k}':>20} {m:>5} {ours_c:>10.0f} {blas_c:>14.0f} {blas_c / ours_c:>5.1f}x "
+                  f"{ours_h:>9.0f} {blas_h:>13.0f}")  # fmt: skip
+    b, cap, g, d = 16, 288, 4, 64
+    print(f"{'decode_attention':>20} {'slots':>5} {'ours cold':>10} {'torch.sum cold':>14} {'GB/s':>6} "
+          f"{'ours hot':>9} {'reference hot':>13}   (batch {b}, {g} heads x {d}, cache {cap} slots)")  # fmt: skip
+    one = 2 * b * cap * g * d * 4
+    hot, nxt = cycled(lambda: (torch.randn(b, cap, g, d), torch.randn(b, cap, g, d)), 100 << 20, one)
+    q, starts = torch.randn(b, g, d), torch.zeros(b, dtype=torch.long)
+    att = torch.ops.mrlhf.decode_attention
+    for slots in (64, 160, 288):
+        lens = torch.full((b,), slots, dtype=torch.long)
+        ours_c = per_call(lambda lens=lens: att(q, *nxt(), starts, lens, None, None, 0.125, 0))
+        sum_c = per_call(lambda slots=slots: [t[:, :slots].sum() for t in nxt()])
+        ours_h = per_call(lambda lens=lens: att(q, *hot, starts, lens, None, None, 0.125, 0))
+        ref_h = per_call(lambda lens=lens: reference.decode_attention(q, *hot, starts, lens, None, None, 0.125, 0), 20)
+        gbs = 2 * b * slots * g * d * 4 / ours_c / 1e3
+        print(f"{'':>20} {slots:>5} {ours_c:>10.0f} {sum_c:>14.0f} {gbs:>6.1f} {ours_h:>9.0f} {ref_h:>13.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["a", "b", "c", "p"])
+    ap.add_argument("--parts", nargs="+", default=["a", "b", "c", "p", "k"])
     ap.add_argument("--quick", action="store_true", help="shorter lengths (smoke run)")
     ap.add_argument("--worker-c", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -229,6 +287,8 @@ def main() -> None:
         part_c([2] if args.quick else [2, 4], new_tokens=8 if args.quick else 64)
     if "p" in args.parts:
         part_p(batches=[4, 16], new_tokens=32 if args.quick else 256)
+    if "k" in args.parts:
+        part_k()
 
 
 if __name__ == "__main__":
