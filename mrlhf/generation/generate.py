@@ -208,13 +208,7 @@ class Generator:
             work.wait()
             self._comm_s += time.perf_counter() - start
             self._returns.popleft()
-            header = frame[: self.HEADER_BYTES].view(torch.long).cpu()
-            spec = self._payload_spec(header)
-            payload = None
-            if spec is not None:
-                shape, dtype = spec
-                nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
-                payload = frame[self.HEADER_BYTES : self.HEADER_BYTES + nbytes].view(dtype).view(shape)
+            header, _, payload = self._parse_frame(frame)  # frames towards the first stage always hold theirs
             if self._on_return(header, payload, slots, pending):
                 return True
         return False
@@ -235,17 +229,25 @@ class Generator:
         room = self._frame_bytes(to_first=self.first)
         frame = torch.empty(self.HEADER_BYTES + room, dtype=torch.uint8, device=self.device)
         dist.irecv(frame, prv, group=group).wait()
+        header, spec, payload = self._parse_frame(frame)
+        if spec is None or payload is not None:
+            return header, payload
+        buf = torch.empty(spec[0], dtype=spec[1], device=self.device)  # did not fit: it follows as a second message
+        dist.irecv(buf, prv, group=group).wait()
+        return header, buf
+
+    def _parse_frame(self, frame: torch.Tensor):
+        """(header on the host, payload (shape, dtype) or None, the payload as a view of the frame when it fits in
+        the frame's region, else None). Each frame has its own buffer: the payload may outlive the next receive."""
         header = frame[: self.HEADER_BYTES].view(torch.long).cpu()
         spec = self._payload_spec(header)
         if spec is None:
-            return header, None
+            return header, None, None
         shape, dtype = spec
         nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
-        if nbytes <= room:  # each frame has its own buffer: the payload may outlive the next receive
-            return header, frame[self.HEADER_BYTES : self.HEADER_BYTES + nbytes].view(dtype).view(shape)
-        buf = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.irecv(buf, prv, group=group).wait()
-        return header, buf
+        if nbytes > frame.numel() - self.HEADER_BYTES:
+            return header, spec, None
+        return header, spec, frame[self.HEADER_BYTES : self.HEADER_BYTES + nbytes].view(dtype).view(shape)
 
     def _payload_spec(self, header: torch.Tensor):
         kind, _, mb, _, b, t = header[:6].tolist()
