@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state as ps
 
 from mrlhf.ops.kv_ops import row_softmax_stats
 from mrlhf.parallel import comm
@@ -58,12 +59,18 @@ def uniform_noise(seed: int, seq_ids: torch.Tensor, step: int, vocab_ids: torch.
     return (mantissa.double() + 0.5) / float(1 << 53)
 
 
+def _tp_size() -> int:
+    return ps.get_tensor_model_parallel_world_size()
+
+
 def _global_argmax(
     values: torch.Tensor, vocab_start: int, local: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> torch.Tensor:
     """argmax over the TP-split last dim of ``values`` [B, V_local]; ties go to the lowest global id. ``local`` is
     ``values.max(dim=-1)`` when the caller has it already."""
     local_val, local_idx = values.max(dim=-1) if local is None else local
+    if _tp_size() == 1:  # the local argmax is the answer (what the gather below would return, without its ops)
+        return local_idx + vocab_start
     pair = torch.stack([local_val.double(), (local_idx + vocab_start).double()], dim=-1)  # [B, 2]
     parts = torch.stack(comm.all_gather_tp(pair))  # [tp, B, 2]
     best = parts[..., 0].argmax(dim=0)  # first rank holding the max -> lowest id among ties
@@ -83,6 +90,8 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
 def _merge_logsumexp(local_max: torch.Tensor, local_sumexp: torch.Tensor) -> torch.Tensor:
     """logsumexp over the TP-split vocabulary from each rank's (max, sum(exp(x - max))): [B], [B] -> [B]. A rank whose
     slice is all -inf (sum 0) adds nothing."""
+    if _tp_size() == 1:  # the merge below reduces to this, bit for bit
+        return local_max + torch.log(local_sumexp)
     m = comm.all_reduce_tp(local_max.clone(), op=torch.distributed.ReduceOp.MAX)
     scale = torch.where(local_sumexp > 0, torch.exp(local_max - m), torch.zeros_like(local_sumexp))
     s = comm.all_reduce_tp(local_sumexp * scale)
@@ -91,6 +100,8 @@ def _merge_logsumexp(local_max: torch.Tensor, local_sumexp: torch.Tensor) -> tor
 
 def gather_token_logits(logits: torch.Tensor, tokens: torch.Tensor, vocab_start: int) -> torch.Tensor:
     """The logit of each row's token, wherever in the vocab split it lives: [B, V_local], [B] -> [B]."""
+    if _tp_size() == 1:
+        return logits.float().gather(-1, (tokens - vocab_start)[:, None]).squeeze(-1)
     local = tokens - vocab_start
     inside = (local >= 0) & (local < logits.shape[-1])
     picked = logits.float().gather(-1, local.clamp(0, logits.shape[-1] - 1)[:, None]).squeeze(-1)

@@ -38,18 +38,25 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_batch, self.max_len = max_batch, max_len
+        self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def nbytes(self) -> int:
         return 0 if self.k is None else self.k.numel() * self.k.element_size() * 2
 
     def view(self, layer: int, slot: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, L, G, D] views of one layer's cache for the first ``batch`` rows of ``slot`` (contiguous)."""
-        return self.k[layer, slot, :batch], self.v[layer, slot, :batch]
+        """[B, L, G, D] views of one layer's cache for the first ``batch`` rows of ``slot`` (contiguous); made once
+        per (layer, slot, batch) -- a decode step asks for every layer's."""
+        key = (layer, slot, batch)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = (self.k[layer, slot, :batch], self.v[layer, slot, :batch])
+        return views
 
     def free(self) -> None:
         """Release the memory (end of a rollout); the object must not be used afterwards."""
         self.k = self.v = None  # type: ignore[assignment]
+        self._views.clear()
 
 
 @dataclass
