@@ -73,11 +73,6 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const c10::BFloat16
 __attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-__attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 0x55)));
-}
 
 // One weight row n against inputs [m0, m1): the tail of a row pair, or the last odd row. Four partial sums over k
 // keep the FMA pipeline full when there is a single input (batch-1 decoding).
@@ -95,7 +90,7 @@ __attribute__((target("avx2,fma,f16c"))) void one_row_avx2(const float* x, const
       a3 = _mm256_fmadd_ps(load8(wr + k + 24), _mm256_loadu_ps(xr + k + 24), a3);
     }
     for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(wr + k), _mm256_loadu_ps(xr + k), a0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; k < K; ++k) s += xr[k] * to_float(wr[k]);
     y[m * N + n] = static_cast<T>(s + b);
   }
@@ -137,7 +132,7 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const float* x, const T*
         a03 = _mm256_fmadd_ps(v0, u, a03);
         a13 = _mm256_fmadd_ps(v1, u, a13);
       }
-      float s[8] = {hsum(a00), hsum(a01), hsum(a02), hsum(a03), hsum(a10), hsum(a11), hsum(a12), hsum(a13)};
+      float s[8] = {hsum8(a00), hsum8(a01), hsum8(a02), hsum8(a03), hsum8(a10), hsum8(a11), hsum8(a12), hsum8(a13)};
       for (int64_t k = K8; k < K; ++k) {
         const float f0 = to_float(w0[k]), f1 = to_float(w1[k]);
         s[0] += x0[k] * f0, s[1] += x1[k] * f0, s[2] += x2[k] * f0, s[3] += x3[k] * f0;

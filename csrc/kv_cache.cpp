@@ -215,23 +215,17 @@ static void tile_exp_portable(float* s, int64_t T, float m) {
 #define MRLHF_TILE_X86 1
 #include <immintrin.h>
 #define MRLHF_AVX2 __attribute__((target("avx2,fma")))
-MRLHF_AVX2 static inline float hsum8(__m256 v) {
-  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  return _mm_cvtss_f32(_mm_add_ss(b, _mm_shuffle_ps(b, b, 0x55)));
-}
 MRLHF_AVX2 static void tile_exp_avx2(float* s, int64_t T, float m) {
   const __m256 mv = _mm256_set1_ps(m);
   int64_t t = 0;
   for (; t + 8 <= T; t += 8) _mm256_storeu_ps(s + t, exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv)));
   for (; t < T; ++t) s[t] = exp_poly(s[t] - m);
 }
-static bool tile_avx2() { return cpu_isa() != CpuIsa::kPortable; }
 #endif
 
-static inline void tile_exp(float* s, int64_t T, float m) {
+static inline void tile_exp(CpuIsa isa, float* s, int64_t T, float m) {
 #ifdef MRLHF_TILE_X86
-  if (tile_avx2()) return tile_exp_avx2(s, T, m);
+  if (isa != CpuIsa::kPortable) return tile_exp_avx2(s, T, m);
 #endif
   tile_exp_portable(s, T, m);
 }
@@ -475,7 +469,7 @@ static void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const 
             for (int64_t d = 0; d < D; ++d) acc[h * D + d] *= alpha;
             m[h * S] = m_new;
           }
-          tile_exp(ph, T, m_new);
+          tile_exp(isa, ph, T, m_new);
           float sum = 0.f;
           for (int64_t t = 0; t < T; ++t) sum += ph[t];
           l[h * S] += sum;

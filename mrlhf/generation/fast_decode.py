@@ -4,8 +4,9 @@ A decode step moves [1, b, h] through every layer; at that size a step is domina
 (megatron's autograd-function linears, bias-dropout-add closures, split helpers), not by arithmetic. This path does
 the same math as megatron's local TransformerLayer -- same matmul/add order, so results agree bit for bit with
 the module path in fp32 -- with plain tensor ops, and sends attention to the fused KV-cache ops. With ``fused``
-the matmuls go to ``mrlhf::decode_linear`` as well (on the CPU: 1.2-3.5x BLAS for 1-16 rows, see
-csrc/decode_linear.cpp), which agrees with megatron to fp32 rounding rather than bit for bit.
+the matmuls go to ``mrlhf::decode_linear`` as well (on the CPU, several times BLAS for 1-16 rows: see
+``benchmarks/generation.py --parts k``), with GPT-2's GELU and, at TP = 1, the bias-residual adds in its epilogue;
+that agrees with megatron to fp32 rounding rather than bit for bit.
 
 It applies only to layers built from the local spec (the one ``mrlhf.models.spec`` picks without Transformer
 Engine) with no dropout, MoE or sequence parallelism; :func:`supports` says so and the engine falls back otherwise.

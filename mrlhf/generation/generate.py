@@ -271,10 +271,10 @@ class Generator:
             batch["dummy"] = torch.zeros((batch["tokens"].shape[0], 1), dtype=torch.long, device=self.device)
             mbs.append(batch)
         num_slots = g.num_slots or self.pp  # fewer than pp is allowed (the naive schedule, for benchmarks)
-        self._rows = min(mb_size, max(len(prompts), 1))  # the largest microbatch: sizes the ring's frames
+        self._rows = min(mb_size, max(len(prompts), 1))  # the largest microbatch: sizes the cache and ring frames
         width = max((m["tokens"].shape[1] for m in mbs), default=1)
         cache = KVCache(
-            len(self.gpt.decoder.layers), num_slots, min(mb_size, max(len(prompts), 1)), width + g.max_new_tokens,
+            len(self.gpt.decoder.layers), num_slots, self._rows, width + g.max_new_tokens,
             self.groups, self.head_dim, self.dtype, self.device,
         )  # fmt: skip
         n, cap = len(prompts), g.max_new_tokens
