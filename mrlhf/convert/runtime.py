@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import shutil
 import socket
@@ -52,7 +53,9 @@ def _child(fn: Callable, rank: int, world: int, port: int, results, args: tuple)
     _large_blocks_to_mmap()
     code = 0
     try:
-        results.put((rank, "ok", fn(rank, *args)))
+        # Plain pickle bytes: a tensor put as-is goes through torch's ForkingPickler, which hands the parent a file
+        # descriptor to fetch from this process after it reads the queue -- a race with this process exiting.
+        results.put((rank, "ok", pickle.dumps(fn(rank, *args))))
     except MrlhfError as e:
         results.put((rank, "user", str(e)))
         code = 1
@@ -133,7 +136,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
                 raise ConversionError(payload)
             if status == "error":
                 raise RuntimeError(f"conversion rank {rank} failed:\n{payload}")
-            done[rank] = payload
+            done[rank] = pickle.loads(payload)
     finally:
         deadline = time.monotonic() + (5.0 if len(done) < world_size else 60.0)
         for p in procs:  # let ranks exit on their own (their cleanup runs), then stop stragglers

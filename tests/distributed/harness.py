@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -39,7 +40,11 @@ def _child(fn: Callable, rank: int, world: int, port: int, queue, args: tuple, e
     code = 0
     try:
         result = fn(rank, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle copies tensor storage into the bytes. Putting the tensors themselves would go through torch's
+        # ForkingPickler reductions, which pass a file descriptor that the parent fetches from this process's
+        # resource sharer *after* it reads the queue -- by then this process may have exited (os._exit below), and the
+        # parent dies with "ConnectionResetError: Connection reset by peer" (seen once in CI).
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
         code = 1
@@ -81,7 +86,7 @@ def run_ranks(
             for _ in range(world_size):
                 rank, status, payload = queue.get(timeout=timeout)
                 if status == "ok":
-                    results[rank] = payload
+                    results[rank] = pickle.loads(payload)
                 else:
                     errors.append(f"rank {rank}:\n{payload}")
                     break
