@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="supervised fine-tuning")
     sft.add_argument("--config", help="YAML run file (configs/sft_tiny.yaml)")
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4 parallel.tp=2")
-    for name, text in (("rm", "reward-model training"), ("dpo", "direct preference optimisation")):
+    for name, text in (("rm", "reward-model training"), ("dpo", "direct preference optimisation"),
+                       ("ppo", "PPO / GRPO / RLOO / REINFORCE++ against a reward model")):  # fmt: skip
         stage = sub.add_parser(name, help=text)
         stage.add_argument("--config", help=f"YAML run file (configs/{name}_demo.yaml)")
         stage.add_argument("overrides", nargs="*", help="dotted overrides")
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output jsonl")
     gen.add_argument("--config", help="YAML run file (used when the checkpoint has no config)")
     gen.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generation.temperature=0 parallel.tp=2")
+    plot = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
+    plot.add_argument("run_dir", help="a run's output_dir (holds metrics.jsonl)")
+    plot.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
     tok = sub.add_parser("tokenizer", help="tokenizer utilities")
     tok_sub = tok.add_subparsers(dest="action", required=True)
     train = tok_sub.add_parser("train", help="train a sentencepiece model from text files")
@@ -52,6 +56,12 @@ def _run(args: argparse.Namespace) -> int:
 
         print(train_sentencepiece(args.input, args.out, args.vocab_size))
         return 0
+    if args.command == "plot":
+        from mrlhf.plot import plot_run
+
+        for path in plot_run(args.run_dir, args.out):
+            print(path)
+        return 0
     from mrlhf.config import load_config
 
     if args.command == "generate" and args.checkpoint and not args.config:
@@ -63,9 +73,13 @@ def _run(args: argparse.Namespace) -> int:
         from mrlhf.trainers.common import STAGE_DATA, load_stage_data
 
         load_stage_data(cfg, *STAGE_DATA[args.command])
+    elif args.command == "ppo":
+        from mrlhf.trainers.ppo import load_ppo_data
+
+        load_ppo_data(cfg)
     from mrlhf.parallel.state import destroy_distributed, init_distributed
 
-    ctx = init_distributed(cfg)
+    ctx = init_distributed(cfg, args.command)
     try:
         if args.command == "sft":
             from mrlhf.trainers.sft import train_sft
@@ -79,6 +93,10 @@ def _run(args: argparse.Namespace) -> int:
             from mrlhf.trainers.dpo import train_dpo
 
             train_dpo(cfg, ctx)
+        elif args.command == "ppo":
+            from mrlhf.trainers.ppo import train_ppo
+
+            train_ppo(cfg, ctx)
         elif args.command == "generate":
             from mrlhf.generation.run import run_generate
 

@@ -252,6 +252,8 @@ class TrainingConfig:
     """Samples used for one eval."""
     output_dir: str = "runs/sft"
     """Directory for the resolved config, metrics and (by default) checkpoints."""
+    max_consecutive_skips: int = 3
+    """Stop the run with an error after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -259,11 +261,8 @@ class TrainingConfig:
         for name in ("train_steps", "global_batch_size", "micro_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"training.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"training.micro_batch_size ({self.micro_batch_size})"
-            )
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(f"training.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
 
 
 @dataclass
@@ -350,6 +349,149 @@ class DPOSection:
             raise ConfigError("dpo: need beta > 0, 0 <= label_smoothing < 0.5, sft_coef >= 0")
 
 
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
+
+
+@dataclass
+class PPOSection:
+    """Stage 3: PPO and its critic-free relatives (GRPO, RLOO, REINFORCE++) against a reward model.
+
+    Batching reuses ``training``: ``global_batch_size`` is the number of prompts per iteration (over all DP ranks),
+    ``micro_batch_size`` the sequences per microbatch of every scoring and training pass, ``train_steps`` the number of
+    PPO iterations. ``optimizer``/``scheduler`` are the actor's; ``critic_optimizer``/``critic_scheduler`` the critic's.
+    """
+
+    estimator: str = "gae"
+    """Advantage estimator: 'gae' (with a critic), 'grpo', 'rloo' or 'reinforce++' (critic-free: no critic is built)."""
+    actor_load_dir: str | None = None
+    """SFT checkpoint the actor starts from (also the reference unless reference_load_dir is set)."""
+    reference_load_dir: str | None = None
+    """Checkpoint of the frozen reference policy; None means actor_load_dir."""
+    critic_load_dir: str | None = None
+    """RM checkpoint the critic starts from (also the reward model unless reward_load_dir is set)."""
+    reward_load_dir: str | None = None
+    """Checkpoint of the frozen reward model; None means critic_load_dir."""
+    n_samples: int = 1
+    """Responses sampled per prompt (the group size of GRPO and RLOO, which need >= 2)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    num_minibatches: int = 1
+    """Optimizer steps per epoch; the rollout batch is split into this many minibatches."""
+    clip_low: float = 0.2
+    """Policy ratio clip below 1 (ratio >= 1 - clip_low)."""
+    clip_high: float = 0.2
+    """Policy ratio clip above 1 (ratio <= 1 + clip_high; > clip_low is DAPO's clip-higher)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens at c*|A|; None disables."""
+    value_clip: float | None = 0.2
+    """Clip of the value prediction around the rollout value; None disables."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus in the actor loss."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation: 'token-mean' (over the global token count), 'seq-mean-token-mean' or
+    'seq-mean-token-sum-norm' (Dr. GRPO: token sums over global sequences x loss_agg_constant)."""
+    loss_agg_constant: float | None = None
+    """Normaliser of 'seq-mean-token-sum-norm'; None means generation.max_new_tokens."""
+    kl_coef: float = 0.05
+    """KL coefficient (initial value for the adaptive controller)."""
+    kl_estimator: str = "k1"
+    """KL estimator per token: 'k1' (log-ratio), 'k2' (half squared log-ratio) or 'k3' (Schulman's low-variance)."""
+    kl_placement: str = "reward"
+    """Where the KL to the reference goes: 'reward' (per-token penalty in the reward) or 'loss' (a term of the actor
+    loss, aggregated like the policy loss)."""
+    kl_controller: str = "fixed"
+    """'fixed' or 'adaptive' (Ziegler et al.: steer the KL towards kl_target)."""
+    kl_target: float | None = None
+    """Target KL per sequence of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller (in sequences)."""
+    gamma: float = 1.0
+    """Discount of GAE and REINFORCE++ returns."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten GAE advantages over the global rollout batch (REINFORCE++ always whitens)."""
+    group_eps: float = 1e-6
+    """Epsilon added to the group std of GRPO."""
+    group_scale_by_std: bool = True
+    """GRPO divides by the group std; False is Dr. GRPO's unscaled group baseline."""
+    reward_normalize: bool = True
+    """Normalise reward-model scores by a running mean/std initialised from the RM's held-out statistics."""
+    reward_norm_update: bool = True
+    """Update the running reward statistics with every rollout batch."""
+    reward_clip: float | None = 5.0
+    """Clip normalised scores to +-this; None disables."""
+    truncation: str = "keep"
+    """Responses that never emit EOS: 'keep', 'penalty' (subtract truncation_penalty from their score) or 'mask'
+    (leave them out of the actor loss)."""
+    truncation_penalty: float = 1.0
+    """Score subtracted from truncated responses with truncation='penalty'."""
+    truncation_warn: float = 0.5
+    """Warn when more than this fraction of an iteration's responses is truncated."""
+    critic_warmup_iterations: int = 0
+    """First iterations that train only the critic (the actor stays fixed)."""
+    ptx_coef: float = 0.0
+    """Weight of the next-token (ptx) loss on ptx_path mixed into every actor minibatch; 0 disables."""
+    ptx_path: str | None = None
+    """SFT-format data file of the ptx loss."""
+    ptx_batch_size: int = 8
+    """ptx sequences per minibatch (over all DP ranks)."""
+    ema_decay: float = 0.0
+    """Keep an EMA of the actor's weights with this decay (saved as role 'actor_ema'); 0 disables."""
+    offload_frozen: bool = True
+    """Keep the reference and reward models in host memory outside experience making."""
+    save_frozen_roles: bool = True
+    """Store the reference and reward models in every checkpoint (self-contained resume)."""
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"ppo.estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.estimator in ("grpo", "rloo") and self.n_samples < 2:
+            raise ConfigError(f"ppo.estimator={self.estimator} compares samples of one prompt: needs ppo.n_samples >= 2")
+        for name in ("n_samples", "ppo_epochs", "num_minibatches", "kl_horizon", "ptx_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("clip_low", "clip_high", "entropy_coef", "kl_coef", "ptx_coef", "truncation_penalty",
+                     "critic_warmup_iterations"):  # fmt: skip
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"ppo.{name} must be finite and >= 0, got {v}")
+        if self.clip_low >= 1:
+            raise ConfigError(f"ppo.clip_low must be < 1, got {self.clip_low}")
+        if self.dual_clip is not None and not (math.isfinite(self.dual_clip) and self.dual_clip > 1):
+            raise ConfigError(f"ppo.dual_clip must be > 1 (or null), got {self.dual_clip}")
+        for name in ("value_clip", "reward_clip", "kl_target", "loss_agg_constant"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"ppo.{name} must be > 0 (or null), got {v}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if not (0 < self.group_eps < 1) or not 0 <= self.truncation_warn <= 1:
+            raise ConfigError("ppo.group_eps must be in (0, 1) and ppo.truncation_warn in [0, 1]")
+        if self.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+            raise ConfigError(
+                f"ppo.loss_agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, got {self.loss_agg!r}"
+            )
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"ppo.kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if self.kl_placement not in ("reward", "loss"):
+            raise ConfigError(f"ppo.kl_placement must be reward or loss, got {self.kl_placement!r}")
+        if self.kl_controller not in ("fixed", "adaptive"):
+            raise ConfigError(f"ppo.kl_controller must be fixed or adaptive, got {self.kl_controller!r}")
+        if self.kl_controller == "adaptive" and self.kl_target is None:
+            raise ConfigError("ppo.kl_controller=adaptive needs ppo.kl_target")
+        if self.truncation not in ("keep", "penalty", "mask"):
+            raise ConfigError(f"ppo.truncation must be keep, penalty or mask, got {self.truncation!r}")
+        if self.ptx_coef > 0 and not self.ptx_path:
+            raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_path (an SFT-format data file)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ppo.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.estimator == "gae"
+
+
 @dataclass
 class CheckpointConfig:
     """Saving, retention and resuming."""
@@ -405,6 +547,12 @@ class RunConfig:
     """Reward-model loss."""
     dpo: DPOSection = field(default_factory=DPOSection)
     """DPO loss and reference handling."""
+    ppo: PPOSection = field(default_factory=PPOSection)
+    """PPO / GRPO / RLOO / REINFORCE++ settings."""
+    critic_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW settings of the PPO critic (the actor uses ``optimizer``)."""
+    critic_scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate schedule of the PPO critic (the actor uses ``scheduler``)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and resume."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -435,19 +583,40 @@ class RunConfig:
                 f"({m.max_position_embeddings})"
             )
 
-    def validate_world(self, world_size: int) -> int:
-        """Check the layout against the number of processes; return the data-parallel size."""
+    def validate_world(self, world_size: int, stage: str = "") -> int:
+        """Check the layout against the number of processes; return the data-parallel size. ``stage`` 'ppo' checks
+        the PPO batch arithmetic (prompts per DP rank, samples, minibatches, microbatches) instead."""
         tp, pp = self.parallel.tp, self.parallel.pp
         if world_size % (tp * pp):
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {tp * pp}")
         dp = world_size // (tp * pp)
         t = self.training
+        if stage == "ppo":
+            self.validate_ppo_batches(dp)
+            return dp
         if t.global_batch_size % (dp * t.micro_batch_size):
             raise ConfigError(
                 f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
                 f"dp ({dp}) x training.micro_batch_size ({t.micro_batch_size})"
             )
         return dp
+
+    def validate_ppo_batches(self, dp: int) -> None:
+        """PPO: every DP rank gets whole prompts, whole minibatches and whole microbatches (no empty accumulation)."""
+        t, p = self.training, self.ppo
+        if t.global_batch_size % dp:
+            raise ConfigError(
+                f"training.global_batch_size ({t.global_batch_size} prompts per PPO iteration) must be a multiple of dp ({dp})"
+            )
+        per_rank = t.global_batch_size // dp * p.n_samples
+        if per_rank % p.num_minibatches or (per_rank // p.num_minibatches) % t.micro_batch_size:
+            raise ConfigError(
+                f"PPO: {t.global_batch_size} prompts x ppo.n_samples {p.n_samples} / dp {dp} = {per_rank} sequences per "
+                f"rank must split into ppo.num_minibatches ({p.num_minibatches}) minibatches of whole microbatches "
+                f"(training.micro_batch_size {t.micro_batch_size})"
+            )
+        if p.ptx_coef > 0 and p.ptx_batch_size % dp:
+            raise ConfigError(f"ppo.ptx_batch_size ({p.ptx_batch_size}) must be a multiple of dp ({dp})")
 
     @property
     def save_dir(self) -> str:

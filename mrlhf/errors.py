@@ -33,3 +33,7 @@ class CheckpointError(MrlhfError):
 class ConversionError(MrlhfError):
     """A model directory or checkpoint that cannot be converted (unsupported architecture, missing or mismatched
     tensors, unsafe pickle, impossible target layout); the message names the file or config field."""
+
+
+class TrainingError(MrlhfError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why and what to try."""

@@ -18,3 +18,22 @@ def maybe_fault(point: str) -> None:
         for child in multiprocessing.active_children():
             child.terminate()
         os._exit(137)
+
+
+def fault_ids(variable: str, first_id: int, count: int) -> list[int]:
+    """Local row indices whose global sequence id (``first_id + i``) is listed in ``$variable`` (comma-separated):
+    the sequences a PPO fault test breaks (``MRLHF_FAULT_NAN_REWARD``, ``MRLHF_FAULT_EMPTY_RESPONSE``)."""
+    listed = os.environ.get(variable)
+    if not listed:
+        return []
+    wanted = {int(x) for x in listed.split(",") if x.strip()}
+    return [i for i in range(count) if first_id + i in wanted]
+
+
+def nan_loss_requested(rank: int, iteration: int) -> bool:
+    """``MRLHF_FAULT_NAN_LOSS=<rank>:<iteration>``: that global rank's actor loss is NaN at that PPO iteration."""
+    spec = os.environ.get("MRLHF_FAULT_NAN_LOSS")
+    if not spec:
+        return False
+    ranks, _, iters = spec.partition(":")
+    return rank in {int(r) for r in ranks.split(",")} and (iters == "*" or iteration in {int(i) for i in iters.split(",")})

@@ -258,9 +258,14 @@ class Generator:
         return torch.Size((t, b, self.hidden)), self.dtype
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]]) -> GenerationOutput:
-        """Generate for every prompt (all ranks pass the same list); every rank returns the same output."""
+    def generate(self, prompts: list[list[int]], seq_id_offset: int = 0) -> GenerationOutput:
+        """Generate for every prompt (all ranks of a DP replica pass the same list); every rank returns the same output.
+
+        The sampling noise of prompt ``i`` is keyed by sequence id ``seq_id_offset + i``: DP ranks that generate
+        different shares of one global batch pass their share's offset, so each sample is the one a single rank
+        generating the whole batch would draw."""
         g = self.gen
+        self._seq_offset = seq_id_offset
         mb_size = g.micro_batch_size
         mbs = []
         for start in range(0, len(prompts), mb_size):
@@ -381,7 +386,8 @@ class Generator:
         logits = vocab_parallel_logits(self.gpt, hidden[-1:], self.fused)[0]  # [B, V/tp]
         vocab_start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
         ids = sl.seq_ids
-        toks, lps = sample_tokens(logits, self.gen.sampling, ids.to(logits.device), sl.produced, vocab_start)
+        noise_ids = (ids + self._seq_offset).to(logits.device)
+        toks, lps = sample_tokens(logits, self.gen.sampling, noise_ids, sl.produced, vocab_start)
         toks, lps = toks.cpu(), lps.cpu()
         j = sl.produced
         active = ~done[ids]

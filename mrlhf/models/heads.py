@@ -42,10 +42,30 @@ def _pad_columns(start: int, per_rank: int, real: int, device: torch.device) -> 
 
 
 def token_logprobs(vp_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets) from vocab-parallel logits. vp_logits [s, b, v/tp], targets [b, s] -> [b, s]."""
+    """log p(targets) from vocab-parallel logits. vp_logits [s, b, v/tp], targets [b, s] -> [b, s].
+
+    megatron's vocab-parallel cross-entropy rewrites its input in place; it gets a float32 copy, so the caller's
+    logits stay intact (PPO reads them again for the entropy)."""
     # vocab_parallel_cross_entropy returns -log p; it works on [s, b] layout
-    nll = tensor_parallel.vocab_parallel_cross_entropy(vp_logits.float(), targets.t().contiguous())
+    own = vp_logits.float() if vp_logits.dtype != torch.float32 else vp_logits.clone()
+    nll = tensor_parallel.vocab_parallel_cross_entropy(own, targets.t().contiguous())
     return -nll.t()
+
+
+def vocab_parallel_entropy(vp_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax over the full (TP-split) vocabulary, differentiable: [s, b, v/tp] -> [b, s].
+
+    H = log Z - sum(p * z) with z = logits - max; the partial sums of every TP rank are added with a collective whose
+    backward is the identity. Padding columns (-inf) and anything 1e4 below the max contribute exactly 0."""
+    from mrlhf.parallel import comm
+
+    z = vp_logits.float()
+    with torch.no_grad():
+        zmax = comm.all_reduce_tp(z.max(dim=-1, keepdim=True).values, op=torch.distributed.ReduceOp.MAX)
+    z = (z - zmax).clamp(min=-1e4)
+    e = torch.exp(z)
+    sums = comm.sum_tp_differentiable(torch.stack([e.sum(-1), (e * z).sum(-1)]))  # [2, s, b]
+    return (torch.log(sums[0]) - sums[1] / sums[0]).t()
 
 
 class ValueHead(torch.nn.Module):

@@ -2,8 +2,12 @@
 
 ``forward(tokens, position_ids, attention_mask, input_tensor=None, targets=None)``:
 - on a non-last stage: hidden states ``[s, b, h]`` for the next stage;
-- on the last stage: the role's output -- actor/reference: log-probs of ``targets`` ``[b, s]``; critic: values
-  ``[b, s]``; reward: scores ``[b]``.
+- on the last stage: the role's output -- actor/reference: log-probs of ``targets`` ``[b, s]`` (with
+  ``set_lm_output(entropy=True)`` the pair (log-probs, entropy), both ``[b, s]``); critic: values ``[b, s]``; reward:
+  scores ``[b]``.
+
+LM roles divide their logits by ``lm_temperature`` (``set_lm_output``): PPO scores and trains at the rollout's
+sampling temperature, so training log-probs are those of the distribution the tokens were drawn from.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from megatron.core import parallel_state as ps
 
 from mrlhf.config import RunConfig
 from mrlhf.models.backbone import backbone_forward, build_backbone, global_param_name, init_value, init_weights
-from mrlhf.models.heads import RewardHead, ValueHead, token_logprobs, vocab_parallel_logits
+from mrlhf.models.heads import RewardHead, ValueHead, token_logprobs, vocab_parallel_entropy, vocab_parallel_logits
 
 ROLES = ("actor", "reference", "critic", "reward")
 
@@ -30,6 +34,7 @@ class RoleModel(torch.nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         self.backbone = build_backbone(cfg, vocab_size, pre_process, post_process)
         self.head: torch.nn.Module | None = None
+        self.lm_temperature, self.lm_entropy = 1.0, False
         if not self.has_lm_head and post_process:
             # Scalar roles need the final norm but not the vocab-sized output layer.
             del self.backbone.output_layer
@@ -45,6 +50,12 @@ class RoleModel(torch.nn.Module):
         if local.startswith("backbone."):
             return global_param_name(self.backbone, local.removeprefix("backbone."))
         return local
+
+    def set_lm_output(self, temperature: float = 1.0, entropy: bool = False) -> None:
+        """LM roles: scale logits by 1/temperature; with ``entropy`` also return the per-token entropy."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.lm_temperature, self.lm_entropy = float(temperature), entropy
 
     @property
     def has_lm_head(self) -> bool:
@@ -76,7 +87,11 @@ class RoleModel(torch.nn.Module):
             return hidden
         if self.has_lm_head:
             assert targets is not None, "actor/reference forward on the last stage needs targets"
-            return token_logprobs(vocab_parallel_logits(self.backbone, hidden), targets)
+            logits = vocab_parallel_logits(self.backbone, hidden)
+            if self.lm_temperature != 1.0:
+                logits = logits / self.lm_temperature
+            logprobs = token_logprobs(logits, targets)
+            return (logprobs, vocab_parallel_entropy(logits)) if self.lm_entropy else logprobs
         if self.role == "critic":
             return self.head(hidden)
         assert attention_mask is not None

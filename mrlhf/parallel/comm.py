@@ -29,6 +29,16 @@ def all_reduce_tp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> tor
     return t
 
 
+def sum_tp_differentiable(t: torch.Tensor) -> torch.Tensor:
+    """Sum of every TP rank's partial ``t`` (out of place); the backward passes the gradient through unchanged, as
+    for any partial sum whose consumer is replicated over TP (megatron's reduce_from_tensor_model_parallel_region)."""
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return t
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    return reduce_from_tensor_model_parallel_region(t.clone())
+
+
 def all_reduce_pp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     """Reduce in place over the pipeline group."""
     if ps.get_pipeline_model_parallel_world_size() > 1:

@@ -56,7 +56,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(cfg: RunConfig) -> ParallelContext:
+def init_distributed(cfg: RunConfig, stage: str = "") -> ParallelContext:
     """Create (or reuse) the default process group and megatron's TP/PP/DP groups for ``cfg.parallel``.
 
     Under torchrun the usual RANK/WORLD_SIZE/MASTER_* variables are read; a plain ``python`` run is world 1.
@@ -79,7 +79,7 @@ def init_distributed(cfg: RunConfig) -> ParallelContext:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=p.timeout_minutes))
     world, rank = dist.get_world_size(), dist.get_rank()
-    cfg.validate_world(world)
+    cfg.validate_world(world, stage)
     layout = Layout.for_world(world, p.tp, p.pp)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

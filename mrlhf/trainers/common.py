@@ -16,7 +16,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from mrlhf import checkpoint as ckpt
-from mrlhf.config import RunConfig
+from mrlhf.config import OptimizerConfig, RunConfig, SchedulerConfig
 from mrlhf.parallel import comm
 from mrlhf.parallel.grads import (
     all_reduce_dp_grads,
@@ -47,19 +47,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def optimizer_step(model: torch.nn.Module, opt: Optimizer, cfg: RunConfig, step: int) -> dict[str, float]:
+def optimizer_step(
+    model: torch.nn.Module,
+    opt: Optimizer,
+    cfg: RunConfig,
+    step: int,
+    opt_cfg: OptimizerConfig | None = None,
+    sched_cfg: SchedulerConfig | None = None,
+    total_steps: int | None = None,
+) -> dict[str, float]:
     """Finish the gradients of one global batch and step: tied sync, DP all-reduce, norm, clip, AdamW.
 
-    A non-finite gradient norm skips the update (counted in the returned metrics) instead of corrupting weights.
+    ``opt_cfg``/``sched_cfg``/``total_steps`` default to the run's ``optimizer``, ``scheduler`` and
+    ``training.train_steps`` (PPO's critic passes its own). A non-finite gradient norm -- seen alike by every rank,
+    since the DP all-reduce spreads it and the norm is reduced over TP and PP -- skips the update (parameters and
+    optimizer state untouched; counted in the returned metrics) instead of corrupting weights.
     """
+    opt_cfg = opt_cfg or cfg.optimizer
     params = params_with_grad(model)
     sync_tied_embedding_grads(model)
     all_reduce_dp_grads(params, cfg.parallel.grad_bucket_mb)
     norm = global_grad_norm(params)
-    lr = lr_at(step, cfg.training.train_steps, cfg.optimizer, cfg.scheduler)
+    lr = lr_at(step, total_steps or cfg.training.train_steps, opt_cfg, sched_cfg or cfg.scheduler)
     skipped = not np.isfinite(norm)
     if not skipped:
-        clip_grads(params, cfg.optimizer.clip_grad, norm)
+        clip_grads(params, opt_cfg.clip_grad, norm)
         opt.step(lr)
     opt.zero_grad()
     return {"lr": lr, "grad_norm": norm, "skipped_step": float(skipped)}

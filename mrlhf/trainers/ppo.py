@@ -1,0 +1,598 @@
+"""Stage 3: PPO (and GRPO, RLOO, REINFORCE++) with the actor, reference, critic and reward model on one layout.
+
+One iteration, one line per phase (each timed)::
+
+    prompts -> rollout (generate in the training layout) -> score (forward-only passes of the four roles)
+            -> shape (rewards, KL, advantages) -> update (ppo_epochs x minibatches, 1F1B, actor and critic) -> save
+
+Roles: actor and reference from ``ppo.actor_load_dir`` (SFT), critic and reward from ``ppo.critic_load_dir`` (RM);
+critic-free estimators build no critic. All roles share the run's layout and model shape. Batching: see
+:class:`mrlhf.config.PPOSection`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+
+from mrlhf import checkpoint as ckpt
+from mrlhf.config import ModelConfig, RunConfig
+from mrlhf.errors import CheckpointError, ConfigError, TrainingError
+from mrlhf.models import residency
+from mrlhf.models.roles import RoleModel, build_role
+from mrlhf.parallel import comm
+from mrlhf.parallel.schedule import forward_backward
+from mrlhf.parallel.state import ParallelContext
+from mrlhf.rl.advantages import RewardNormalizer
+from mrlhf.rl.ema import ema_update
+from mrlhf.rl.experience import Experience
+from mrlhf.rl.kl import build_kl_controller, kl_penalty
+from mrlhf.rl.make_experience import rollout, score, shape
+from mrlhf.rl.policy_losses import aggregate, policy_loss, value_loss
+from mrlhf.testing_faults import maybe_fault, nan_loss_requested
+from mrlhf.trainers.common import (
+    MetricsWriter,
+    TrainState,
+    check_tokenizer,
+    dp_slice,
+    log_main,
+    maybe_save,
+    optimizer_step,
+    save_resolved_config,
+    seed_everything,
+)
+from mrlhf.trainers.optim import Optimizer
+
+FROZEN = ("reference", "reward")
+
+
+@dataclass
+class PPORun:
+    """Everything an iteration needs: data, roles, optimizers, controllers and where the run is."""
+
+    tokenizer: Any
+    prompts: Any
+    ptx: Any
+    roles: dict[str, RoleModel]
+    optimizers: dict[str, Optimizer]
+    ema: RoleModel | None
+    state: TrainState
+    kl_ctl: Any
+    normalizer: RewardNormalizer
+    saved: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Start-up: data, roles from their checkpoints (or a resume), controllers
+
+
+def load_ppo_data(cfg: RunConfig):
+    """Tokenizer, prompt datasets and the optional ptx dataset; needs no process group (the CLI runs it first)."""
+    from mrlhf.data.datasets import build_datasets
+    from mrlhf.data.tokenizer import Tokenizer
+    from mrlhf.errors import DataError
+
+    tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
+    prompts = build_datasets(cfg, "prompt", "ppo", tokenizer)
+    if len(prompts.train) < cfg.training.global_batch_size:
+        raise DataError(
+            ",".join(cfg.data.source_specs), None, None,
+            f"{len(prompts.train)} prompts is fewer than one rollout batch (training.global_batch_size "
+            f"{cfg.training.global_batch_size})",
+        )  # fmt: skip
+    ptx = None
+    if cfg.ppo.ptx_coef > 0:
+        ptx_cfg = copy.deepcopy(cfg)
+        ptx_cfg.data.train_path, ptx_cfg.data.sources, ptx_cfg.data.eval_path = cfg.ppo.ptx_path, [], None
+        ptx_cfg.data.data_split, ptx_cfg.data.eval_fraction = None, 0.0
+        ptx = build_datasets(ptx_cfg, "sft", "sft", tokenizer).train
+    return tokenizer, prompts, ptx
+
+
+SHAPE_FIELDS = ("flavour", "num_layers", "hidden_size", "num_attention_heads", "query_groups", "ffn_size", "tied",
+                "has_qkv_bias", "rotary_base")  # fmt: skip
+
+
+def check_model_shape(cfg: RunConfig, path: str, role: str) -> None:
+    """Every role shares the run's model shape: refuse a checkpoint of another shape, naming both."""
+    saved = ckpt.read_meta(path).get("config", {}).get("model")
+    if not saved:
+        return
+    try:
+        theirs = ModelConfig(**saved)
+    except (TypeError, ConfigError) as e:
+        raise CheckpointError(f"ppo: the {role} checkpoint {path} has an unreadable model section: {e}") from None
+    diff = [f"{k} {getattr(theirs, k)} (checkpoint) vs {getattr(cfg.model, k)} (run)" for k in SHAPE_FIELDS
+            if getattr(theirs, k) != getattr(cfg.model, k)]  # fmt: skip
+    if diff:
+        raise CheckpointError(
+            f"ppo: the {role} checkpoint {path} has another model shape than this run's model section: "
+            + "; ".join(diff) + " (all PPO roles share one shape)"
+        )
+
+
+def role_sources(cfg: RunConfig) -> dict[str, str | None]:
+    p = cfg.ppo
+    return {
+        "actor": p.actor_load_dir,
+        "reference": p.reference_load_dir or p.actor_load_dir,
+        "critic": p.critic_load_dir,
+        "reward": p.reward_load_dir or p.critic_load_dir,
+    }
+
+
+def initialise_role(cfg: RunConfig, role: str, model: RoleModel, src_dir: str | None, tokenizer_hash: str) -> None:
+    if src_dir is None:
+        log_main(f"ppo: '{role}' has no checkpoint (ppo.*_load_dir unset): random initialisation, for benchmarks only")
+        return
+    path = ckpt.latest_checkpoint(src_dir) or src_dir
+    check_tokenizer(path, tokenizer_hash)
+    check_model_shape(cfg, path, role)
+    source = ckpt.pick_source_role(path, role)
+    new_head = ckpt.load_model(path, role, model, source)
+    log_main(f"ppo: '{role}' from '{source}' of {path}" + (" (backbone only: the head is new)" if new_head else ""))
+
+
+def reward_statistics(cfg: RunConfig) -> dict[str, float] | None:
+    src = role_sources(cfg)["reward"]
+    if src is None:
+        return None
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(src) or src)
+    return meta.get("train_state", {}).get("extra", {}).get("reward_stats")
+
+
+def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
+    p = cfg.ppo
+    seed_everything(cfg.training.seed)
+    tokenizer, prompts, ptx = load_ppo_data(cfg)
+    save_resolved_config(cfg, ctx)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    names = ["actor", "reference", "reward"] + (["critic"] if p.needs_critic else [])
+    roles = {r: build_role(cfg, r, vocab).to(ctx.device) for r in names}
+    for r in FROZEN:
+        roles[r].eval().requires_grad_(False)
+    optimizers = {r: Optimizer([q for q in roles[r].parameters() if q.requires_grad], o, cfg.parallel.zero1)
+                  for r, o in (("actor", cfg.optimizer), ("critic", cfg.critic_optimizer)) if r in roles}  # fmt: skip
+    ema = None
+    if p.ema_decay > 0:
+        ema = build_role(cfg, "actor", vocab).to(ctx.device).requires_grad_(False)
+    stats = reward_statistics(cfg)
+    if p.reward_normalize and stats is None:
+        log_main("ppo: the reward checkpoint stores no reward statistics: normalisation starts from the first batch")
+    normalizer = RewardNormalizer(
+        mean=stats["mean"] if stats else 0.0, std=stats["std"] if stats else 1.0,
+        count=float(stats["count"]) if stats else 0.0, clip=p.reward_clip if p.reward_normalize else None,
+        update=p.reward_norm_update,
+    )  # fmt: skip
+    kl_ctl = build_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
+    saved = {r: roles[r] for r in ("actor", "critic") if r in roles}
+    if ema is not None:
+        saved["actor_ema"] = ema
+    if p.save_frozen_roles:
+        saved.update({r: roles[r] for r in FROZEN})
+    state = TrainState(extra={"actor_updates": 0, "critic_updates": 0, "skipped_steps": 0})
+    path = ckpt.latest_checkpoint(cfg.save_dir) if cfg.checkpoint.resume else None
+    if path is not None:
+        meta = ckpt.load_checkpoint(path, saved, optimizers, tokenizer.hash)
+        ts = meta["train_state"]
+        state = TrainState(step=ts["step"], consumed_samples=ts["consumed_samples"], extra=ts.get("extra", {}))
+        kl_ctl.load_state_dict(state.extra["kl_controller"])
+        normalizer.load_state_dict(state.extra["reward_normalizer"])
+        log_main(f"ppo: resumed from {path} at iteration {state.step}")
+    sources = role_sources(cfg)
+    for r, model in roles.items():
+        if path is None or r not in saved:
+            initialise_role(cfg, r, model, sources[r], tokenizer.hash)
+    if ema is not None and path is None:
+        with torch.no_grad():
+            for e, a in zip(ema.parameters(), roles["actor"].parameters()):
+                e.copy_(a)
+    if p.offload_frozen:
+        for r in FROZEN:
+            residency.offload(roles[r])
+    return PPORun(tokenizer, prompts, ptx, roles, optimizers, ema, state, kl_ctl, normalizer, saved)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The update: ppo_epochs x minibatches through the 1F1B schedule
+
+
+def minibatch_rows(exp: Experience, k: int, num_minibatches: int) -> torch.Tensor:
+    """Local rows of minibatch ``k``: global sequence ids congruent to k modulo the minibatch count. The same global
+    set under every DP layout, and an equal share on every DP rank."""
+    return (exp.seq_ids.cpu() % num_minibatches == k).nonzero().flatten()
+
+
+def _global_counts(mask: torch.Tensor, device) -> tuple[float, float]:
+    """Tokens and sequences (rows with a token) of ``mask`` [b, W] summed over DP: the loss normalisers."""
+    t = torch.stack([mask.sum(), (mask.sum(-1) > 0).sum()]).double().to(device)
+    comm.all_reduce_dp(t)
+    tokens, seqs = t.tolist()
+    return tokens, seqs
+
+
+def actor_loss_fn(cfg: RunConfig, kl_coef: float, tokens: float, seqs: float, ptx_tokens: float, poison: bool):
+    p = cfg.ppo
+    const = p.loss_agg_constant or float(cfg.generation.max_new_tokens)
+
+    def agg(x, mask):
+        return aggregate(x, mask, p.loss_agg, tokens, seqs, const)
+
+    def loss_fn(out, mb):
+        logprobs, entropy = out
+        if "ptx" in mb:
+            m = mb["loss_mask"]
+            nll = -(logprobs * m).sum()
+            return p.ptx_coef * nll / max(ptx_tokens, 1.0), {"ptx_nll_sum": nll.detach()}
+        m = mb["loss_mask"]
+        pg, clipped, approx_kl = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], p.clip_low, p.clip_high,
+                                             p.dual_clip)  # fmt: skip
+        loss = agg(pg, m)
+        if p.entropy_coef:
+            loss = loss - p.entropy_coef * agg(entropy, m)
+        if p.kl_placement == "loss":
+            loss = loss + kl_coef * agg(kl_penalty(p.kl_estimator, logprobs, mb["ref_logprobs"]), m)
+        if poison:  # fault tests: this rank's loss is NaN
+            loss = loss * float("nan")
+        stats = {"pg_loss_sum": (pg.detach() * m).sum(), "clipped_sum": (clipped * m).sum(),
+                 "approx_kl_sum": (approx_kl * m).sum(), "actor_tokens": m.sum()}  # fmt: skip
+        return loss, stats
+
+    return loss_fn
+
+
+def critic_loss_fn(cfg: RunConfig, tokens: float):
+    def loss_fn(values, mb):
+        m = mb["critic_mask"]
+        vl, clipped = value_loss(values, mb["values"], mb["returns"], cfg.ppo.value_clip)
+        loss = (vl * m).sum() / max(tokens, 1.0)
+        return loss, {"value_loss_sum": (vl.detach() * m).sum(), "value_clipped_sum": (clipped * m).sum(),
+                      "critic_tokens": m.sum()}  # fmt: skip
+
+    return loss_fn
+
+
+def ptx_microbatches(run: PPORun, cfg: RunConfig, device) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's share of the next ptx batch (SFT format), cursor in state.extra['ptx_consumed']."""
+    from mrlhf.data.collate import collate_sft
+    from mrlhf.data.datasets import global_batch_indices
+
+    p, extra = cfg.ppo, run.state.extra
+    indices = global_batch_indices(len(run.ptx), cfg.training.seed, extra.get("ptx_consumed", 0), p.ptx_batch_size)
+    extra["ptx_consumed"] = extra.get("ptx_consumed", 0) + p.ptx_batch_size
+    mine = dp_slice(indices)
+    size = cfg.training.micro_batch_size
+    out = []
+    for s in range(0, len(mine), size):
+        batch = collate_sft([run.ptx[i] for i in mine[s : s + size]], run.tokenizer.pad_id)
+        batch["ptx"] = torch.ones(1)
+        out.append({k: v.to(device) for k, v in batch.items()})
+    return out
+
+
+def _sum_stats(stats: list[dict[str, torch.Tensor]], into: dict[str, torch.Tensor]) -> None:
+    for st in stats:
+        for k, v in st.items():
+            into[k] = into.get(k, 0.0) + v.detach().double()
+
+
+def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, last: bool) -> dict[str, float]:
+    """ppo_epochs x num_minibatches optimizer steps of the actor (after the critic warm-up) and the critic."""
+    p, t = cfg.ppo, cfg.training
+    extra = run.state.extra
+    train_actor = run.state.step >= p.critic_warmup_iterations
+    steps_per_iter = p.ppo_epochs * p.num_minibatches
+    actor_total = max(1, (t.train_steps - p.critic_warmup_iterations) * steps_per_iter)
+    critic_total = t.train_steps * steps_per_iter
+    keys = ("old_logprobs", "advantages", "loss_mask") + (("ref_logprobs",) if p.kl_placement == "loss" else ())
+    sums: dict[str, torch.Tensor] = {}
+    steps: dict[str, list[dict[str, float]]] = {"actor": [], "critic": []}
+    actor, critic = run.roles["actor"], run.roles.get("critic")
+    poison = nan_loss_requested(torch.distributed.get_rank(), run.state.step)
+    for _ in range(p.ppo_epochs):
+        for k in range(p.num_minibatches):
+            rows = minibatch_rows(exp, k, p.num_minibatches)
+            if train_actor:
+                tokens = seqs = ptx_tokens = 0.0
+                if last:
+                    tokens, seqs = _global_counts(exp.loss_mask[rows.to(exp.loss_mask.device)], ctx.device)
+                mbs = exp.microbatches(rows, t.micro_batch_size, keys if last else ())
+                if run.ptx is not None:
+                    extra_mbs = ptx_microbatches(run, cfg, ctx.device)
+                    if last:
+                        ptx_tokens, _ = _global_counts(torch.cat([m["loss_mask"] for m in extra_mbs]), ctx.device)
+                    mbs += extra_mbs
+                actor.train()
+                actor.set_lm_output(cfg.generation.temperature, entropy=True)
+                loss_fn = actor_loss_fn(cfg, run.kl_ctl.value, tokens, seqs, ptx_tokens, poison)
+                _sum_stats(forward_backward(actor, mbs, loss_fn, cfg.model.hidden_size, _dtype(actor), ctx.device), sums)
+                st = optimizer_step(actor, run.optimizers["actor"], cfg, extra["actor_updates"], total_steps=actor_total)
+                steps["actor"].append(st)
+                if st["skipped_step"]:
+                    _skipped(run, cfg, "actor")
+                else:
+                    extra["actor_updates"] += 1
+                    extra["consecutive_skips"] = 0
+                    if run.ema is not None:
+                        ema_update(list(run.ema.parameters()), list(actor.parameters()), p.ema_decay)
+            if critic is not None:
+                tokens = 0.0
+                if last:
+                    tokens, _ = _global_counts(exp.critic_mask[rows.to(exp.action_mask.device)], ctx.device)
+                mbs = exp.microbatches(rows, t.micro_batch_size, ("values", "returns", "critic_mask") if last else ())
+                critic.train()
+                loss_fn = critic_loss_fn(cfg, tokens)
+                _sum_stats(forward_backward(critic, mbs, loss_fn, cfg.model.hidden_size, _dtype(critic), ctx.device),
+                           sums)  # fmt: skip
+                st = optimizer_step(critic, run.optimizers["critic"], cfg, extra["critic_updates"],
+                                    cfg.critic_optimizer, cfg.critic_scheduler, critic_total)  # fmt: skip
+                steps["critic"].append(st)
+                if st["skipped_step"]:
+                    _skipped(run, cfg, "critic")
+                else:
+                    extra["critic_updates"] += 1
+                    extra["consecutive_skips"] = 0
+    keys_out = ("pg_loss_sum", "clipped_sum", "approx_kl_sum", "actor_tokens", "ptx_nll_sum", "value_loss_sum",
+                "value_clipped_sum", "critic_tokens")  # fmt: skip
+    local = [float(sums.get(k, 0.0)) for k in keys_out] if last else [0.0] * len(keys_out)
+    s = dict(zip(keys_out, reduce_last_stage_sums(local, ctx.device)))
+    out: dict[str, float] = {}
+    if train_actor:
+        n = max(s["actor_tokens"], 1.0)
+        out.update(pg_loss=s["pg_loss_sum"] / n, clip_fraction=s["clipped_sum"] / n, approx_kl=s["approx_kl_sum"] / n)
+        out.update(actor_grad_norm=steps["actor"][-1]["grad_norm"], actor_lr=steps["actor"][-1]["lr"])
+        if run.ptx is not None:
+            out["ptx_nll_per_minibatch"] = s["ptx_nll_sum"] / steps_per_iter
+    if critic is not None:
+        n = max(s["critic_tokens"], 1.0)
+        out.update(value_loss=s["value_loss_sum"] / n, value_clip_fraction=s["value_clipped_sum"] / n)
+        out.update(critic_grad_norm=steps["critic"][-1]["grad_norm"], critic_lr=steps["critic"][-1]["lr"])
+    out["skipped_steps"] = float(sum(st["skipped_step"] for v in steps.values() for st in v))
+    return out
+
+
+def _skipped(run: PPORun, cfg: RunConfig, role: str) -> None:
+    extra = run.state.extra
+    extra["skipped_steps"] = extra.get("skipped_steps", 0) + 1
+    extra["consecutive_skips"] = extra.get("consecutive_skips", 0) + 1
+    log_main(f"warning: ppo iteration {run.state.step + 1}: {role} step skipped (non-finite loss or gradient); "
+             f"{extra['consecutive_skips']} in a row")  # fmt: skip
+    if extra["consecutive_skips"] >= cfg.training.max_consecutive_skips:
+        raise TrainingError(
+            f"ppo: {extra['consecutive_skips']} optimizer steps in a row had a non-finite loss or gradient (iteration "
+            f"{run.state.step + 1}); stopping (training.max_consecutive_skips={cfg.training.max_consecutive_skips}). "
+            "Lower the learning rate or check the reward model."
+        )
+
+
+def _dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def reduce_last_stage_sums(values: list[float], device) -> list[float]:
+    """Sum per-DP-rank scalars of the last stage over DP and give the result to every rank (one collective each)."""
+    t = torch.tensor(values if ps.is_pipeline_last_stage() else [0.0] * len(values), dtype=torch.float64, device=device)
+    comm.all_reduce_dp(t)
+    comm.broadcast_from_last_stage(t)
+    return t.tolist()
+
+
+def reduce_last_stage_max(values: list[float], device) -> list[float]:
+    t = torch.tensor(values if ps.is_pipeline_last_stage() else [0.0] * len(values), dtype=torch.float64, device=device)
+    comm.all_reduce_dp(t, op=torch.distributed.ReduceOp.MAX)
+    comm.broadcast_from_last_stage(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics of one iteration's experience
+
+
+EXP_KEYS = ("seqs", "valid", "raw_sum", "raw_sq", "score_sum", "score_sq", "len_sum", "truncated", "kl_sum", "tokens", "entropy_sum", "mismatch_sum", "adv_sum", "ret_sum", "ret_sq", "res_sum", "res_sq",
+            "value_tokens")  # fmt: skip
+
+
+def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, device) -> dict[str, float]:
+    if not last:
+        local = [0.0] * len(EXP_KEYS)
+        mx = [0.0]
+    else:
+        v = exp.valid
+        vf = v.double()
+        m = (exp.action_mask * vf[:, None].float()).double()
+        raw, sc = exp.raw_scores.double(), exp.scores.double()
+        mismatch = (exp.rollout_logprobs - exp.old_logprobs).abs().double() * m
+        vals = {
+            "seqs": float(exp.batch_size), "valid": vf.sum(), "raw_sum": (raw * vf).sum(), "raw_sq": (raw**2 * vf).sum(),
+            "score_sum": (sc * vf).sum(), "score_sq": (sc**2 * vf).sum(),
+            "len_sum": (exp.response_length.double() * vf).sum(), "truncated": (exp.truncated.double() * vf).sum(),
+            "kl_sum": (exp.kl.double() * m).sum(), "tokens": m.sum(),
+            "entropy_sum": (entropy.double() * m).sum(), "mismatch_sum": mismatch.sum(),
+            "adv_sum": (exp.advantages.double() * m).sum(),
+            "ret_sum": 0.0, "ret_sq": 0.0, "res_sum": 0.0, "res_sq": 0.0, "value_tokens": 0.0,
+        }  # fmt: skip
+        if exp.returns is not None:
+            r, res = exp.returns.double(), (exp.returns - exp.values).double()
+            vals.update(ret_sum=(r * m).sum(), ret_sq=(r**2 * m).sum(), res_sum=(res * m).sum(),
+                        res_sq=(res**2 * m).sum(), value_tokens=m.sum())  # fmt: skip
+        local = [float(vals[k]) for k in EXP_KEYS]
+        mx = [float(mismatch.max()) if mismatch.numel() else 0.0]
+    s = dict(zip(EXP_KEYS, reduce_last_stage_sums(local, device)))
+    (mismatch_max,) = reduce_last_stage_max(mx, device)
+    n, tok = max(s["valid"], 1.0), max(s["tokens"], 1.0)
+
+    def std(sq, total, count):
+        return max(sq / count - (total / count) ** 2, 0.0) ** 0.5
+
+    out = {
+        "reward_raw_mean": s["raw_sum"] / n, "reward_raw_std": std(s["raw_sq"], s["raw_sum"], n),
+        "reward_mean": s["score_sum"] / n, "reward_std": std(s["score_sq"], s["score_sum"], n),
+        "kl_per_sequence": s["kl_sum"] / n, "kl_per_token": s["kl_sum"] / tok,
+        "entropy": s["entropy_sum"] / tok, "response_length": s["len_sum"] / n, "truncation_rate": s["truncated"] / n,
+        "logprob_mismatch_mean": s["mismatch_sum"] / tok, "logprob_mismatch_max": mismatch_max,
+        "advantage_mean": s["adv_sum"] / tok, "dropped_samples": s["seqs"] - s["valid"],
+    }  # fmt: skip
+    if s["value_tokens"] > 0:
+        vt = s["value_tokens"]
+        var_r = std(s["ret_sq"], s["ret_sum"], vt) ** 2
+        var_res = std(s["res_sq"], s["res_sum"], vt) ** 2
+        out["explained_variance"] = 1.0 - var_res / var_r if var_r > 0 else 0.0
+    out["_global_seqs"] = s["seqs"]
+    return out
+
+
+def warn_dropped(exp: Experience, run: PPORun, batch: list[int], n: int, total_seqs: int, last: bool, device) -> None:
+    """Name the prompts whose reward was not finite (their samples were dropped); ``batch``: the iteration's global
+    prompt indices (sequence id // n indexes it)."""
+    flags = torch.zeros(total_seqs, dtype=torch.float64, device=device)
+    if last:
+        bad = exp.seq_ids[~exp.valid.to(exp.seq_ids.device)]
+        flags[bad.to(device)] = 1.0
+    comm.all_reduce_dp(flags)
+    comm.broadcast_from_last_stage(flags)
+    for sid in flags.nonzero().flatten().tolist():
+        prompt_idx = batch[sid // n]
+        text = run.tokenizer.decode(list(run.prompts.train[prompt_idx]))
+        log_main(f"warning: non-finite reward for sample {sid % n} of prompt {prompt_idx} ({text!r}): dropped")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class PhaseTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - start
+
+
+def next_prompts(run: PPORun, cfg: RunConfig) -> tuple[list[int], list[int]]:
+    """The global prompt indices of this iteration and this DP rank's share."""
+    from mrlhf.data.datasets import global_batch_indices
+
+    t = cfg.training
+    indices = global_batch_indices(len(run.prompts.train), t.seed, run.state.consumed_samples, t.global_batch_size)
+    return indices, dp_slice(indices)
+
+
+def memory_report(run: PPORun, device, kv_bytes: float = 0.0) -> dict[str, float]:
+    report = {}
+    for r, model in run.roles.items():
+        b = residency.device_bytes(model, device, run.optimizers.get(r))
+        for kind, v in b.items():
+            report[f"mem_{r}_{kind}_bytes"] = float(v)
+    report["mem_kv_cache_bytes"] = float(kv_bytes)
+    if device.type == "cuda":
+        report["mem_cuda_max_allocated_bytes"] = float(torch.cuda.max_memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
+    return report
+
+
+def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
+    """Run ``training.train_steps`` PPO iterations; returns per-iteration records and the trained roles."""
+    p, t = cfg.ppo, cfg.training
+    if not cfg.generation.temperature > 0:
+        raise ConfigError("ppo needs generation.temperature > 0 (rollouts are sampled; greedy has no log-probs)")
+    cfg.validate_ppo_batches(ctx.layout.dp)
+    run = prepare_ppo(cfg, ctx)
+    state, last = run.state, ps.is_pipeline_last_stage()
+    metrics = MetricsWriter(cfg, ctx, t.train_steps, state.step)
+    log_main(
+        f"PPO ({p.estimator}): {len(run.prompts.train)} prompts, {t.global_batch_size} x {p.n_samples} samples per "
+        f"iteration, layout tp={ctx.layout.tp} pp={ctx.layout.pp} dp={ctx.layout.dp}, roles {sorted(run.roles)}, "
+        f"iterations {state.step}->{t.train_steps}"
+    )
+    records: list[dict[str, Any]] = []
+    device = ctx.device
+    reduce = comm.all_reduce_dp
+    while state.step < t.train_steps:
+        timer, start = PhaseTimer(), time.perf_counter()
+        batch, mine = next_prompts(run, cfg)
+        prompts = [list(run.prompts.train[i]) for i in mine]
+        first_seq = ctx.dp_rank * len(mine) * p.n_samples
+        with timer("generate"):
+            exp, gen_stats = rollout(run.roles["actor"], prompts, mine, first_seq, cfg, state.step,
+                                     run.tokenizer.eos_id, run.tokenizer.pad_id, device)  # fmt: skip
+        mem = {"generate": memory_report(run, device, gen_stats.get("kv_cache_bytes", 0.0))}
+
+        def report_resident(mem=mem) -> None:  # while every role is on the device
+            mem["experience"] = memory_report(run, device)
+
+        with timer("experience"):
+            entropy = score(exp, run.roles, cfg, device, last, report_resident)
+            if last:
+                shape(exp, cfg, run.kl_ctl.value, run.normalizer, reduce)
+        record = experience_stats(exp, entropy, last, device)
+        total_seqs = int(record.pop("_global_seqs"))
+        if record["dropped_samples"] > 0:
+            warn_dropped(exp, run, batch, p.n_samples, total_seqs, last, device)
+        with timer("train"):
+            record.update(update(run, exp, cfg, ctx, last))
+        mem["train"] = memory_report(run, device)
+        sync_controllers(run, record, total_seqs, device)
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        if record["truncation_rate"] > p.truncation_warn:
+            log_main(f"warning: ppo iteration {state.step}: {record['truncation_rate']:.0%} of responses hit "
+                     f"generation.max_new_tokens without EOS (reward signal may be lost)")  # fmt: skip
+        record = {"iteration": state.step, **record, "kl_coef": run.kl_ctl.value,
+                  "skipped_steps_total": float(state.extra.get("skipped_steps", 0)),
+                  "generated_tokens": record["response_length"] * total_seqs,
+                  **{f"time_{k}_s": v for k, v in timer.seconds.items()},
+                  "iteration_time_s": time.perf_counter() - start, "consumed_prompts": state.consumed_samples}  # fmt: skip
+        if state.step == 1 or state.step == t.train_steps:
+            for phase, rep in mem.items():
+                record.update({f"{phase}_{k}": v for k, v in rep.items()})
+        records.append(record)
+        if state.step % cfg.logging.log_interval == 0 or state.step == t.train_steps:
+            metrics.write(record)
+        save(run, cfg, ctx, final=state.step == t.train_steps)
+        maybe_fault(f"after_step:{state.step}")
+    metrics.close()
+    if records:
+        r = records[-1]
+        log_main(f"PPO done: iteration {state.step} reward {r['reward_raw_mean']:.4f} kl {r['kl_per_sequence']:.4f} "
+                 f"skipped steps {state.extra.get('skipped_steps', 0)}")  # fmt: skip
+    return {"records": records, "roles": run.roles, "ema": run.ema, "state": state,
+            "output_dir": os.path.abspath(t.output_dir)}  # fmt: skip
+
+
+def sync_controllers(run: PPORun, record: dict[str, float], total_seqs: int, device) -> None:
+    """KL controller (from the reduced KL, identical on every rank) and the reward normaliser (updated on the last
+    stage, broadcast so rank 0 saves what the last stage uses)."""
+    run.kl_ctl.update(record["kl_per_sequence"], total_seqs)
+    sd = run.normalizer.state_dict()
+    keys = sorted(k for k, v in sd.items() if isinstance(v, float))
+    t = torch.tensor([sd[k] for k in keys], dtype=torch.float64, device=device)
+    comm.broadcast_from_last_stage(t)
+    sd.update(dict(zip(keys, t.tolist())))
+    run.normalizer.load_state_dict(sd)
+    run.state.extra["kl_controller"] = run.kl_ctl.state_dict()
+    run.state.extra["reward_normalizer"] = run.normalizer.state_dict()
+
+
+def save(run: PPORun, cfg: RunConfig, ctx: ParallelContext, final: bool) -> None:
+    offloaded = [r for r in FROZEN if residency.is_offloaded(run.roles[r])]
+    interval = cfg.checkpoint.save_interval
+    due = cfg.checkpoint.enabled and (final or (interval and run.state.step % interval == 0))
+    if not due:
+        return
+    for r in offloaded:  # frozen roles are saved from the device copy
+        residency.reload(run.roles[r], ctx.device)
+    maybe_save(cfg, run.state, run.saved, run.optimizers, run.tokenizer.hash, final)
+    for r in offloaded:
+        residency.offload(run.roles[r])
