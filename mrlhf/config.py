@@ -437,7 +437,7 @@ class PPOSection:
     ptx_batch_size: int = 8
     """ptx sequences per minibatch (over all DP ranks)."""
     ema_decay: float = 0.0
-    """Keep an EMA of the actor's weights with this decay (saved as role 'actor_ema'); 0 disables."""
+    """Keep an EMA of the actor's weights with this decay (saved as role 'ema_actor'); 0 disables."""
     offload_frozen: bool = True
     """Keep the reference and reward models in host memory outside experience making."""
     save_frozen_roles: bool = True
@@ -523,6 +523,8 @@ class LoggingConfig:
     """jsonl metrics file; None means <output_dir>/metrics.jsonl."""
     progress_bar: bool = True
     """Show a progress bar on rank 0 (off automatically when stderr is not a terminal)."""
+    tensorboard: bool = True
+    """Also write the metrics as TensorBoard scalars under <output_dir>/tensorboard when tensorboard is installed."""
 
 
 @dataclass
@@ -585,7 +587,7 @@ class RunConfig:
 
     def validate_world(self, world_size: int, stage: str = "") -> int:
         """Check the layout against the number of processes; return the data-parallel size. ``stage`` 'ppo' checks
-        the PPO batch arithmetic (prompts per DP rank, samples, minibatches, microbatches) instead."""
+        the PPO batch arithmetic (prompts per DP rank, samples, minibatches, microbatches) instead; 'generate' none."""
         tp, pp = self.parallel.tp, self.parallel.pp
         if world_size % (tp * pp):
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {tp * pp}")
@@ -593,6 +595,8 @@ class RunConfig:
         t = self.training
         if stage == "ppo":
             self.validate_ppo_batches(dp)
+            return dp
+        if stage == "generate":  # no training batches (a PPO checkpoint's config counts prompts, not sequences)
             return dp
         if t.global_batch_size % (dp * t.micro_batch_size):
             raise ConfigError(

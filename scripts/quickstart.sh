@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job on the embedded demo task (arithmetic with a gold judge), CPU, a few minutes on 2 cores:
+# The main job on the embedded demo task (arithmetic with a gold judge), CPU, ~10 minutes on 2 cores:
 #   1. SFT of a tiny LLaMA-style policy on sloppy demonstrations  -> judge score of its greedy answers
 #   2. reward model on judge-labelled pairs (10% label noise)     -> held-out pair accuracy
-#   3. DPO from the SFT policy on the same pairs                  -> judge score of its greedy answers
-# Outputs go to runs/{sft,rm,dpo}_demo. Extra arguments are overrides for every stage (e.g. parallel.tp=1).
+#   3. PPO from the SFT policy against the reward model           -> judge score of its greedy answers
+#   4. DPO from the SFT policy on the same pairs (offline)        -> judge score of its greedy answers
+# Outputs go to runs/{sft,rm,ppo,dpo}_demo. Extra arguments are overrides for every stage (e.g. training.seed=7).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -11,19 +12,19 @@ bash scripts/setup.sh
 export PYTHONWARNINGS=ignore
 py=.venv/bin/python
 prompts=mrlhf/assets/demo/prompts_eval.jsonl
-rm -rf runs/sft_demo runs/rm_demo runs/dpo_demo
+rm -rf runs/sft_demo runs/rm_demo runs/ppo_demo runs/dpo_demo
 
 judge() {  # judge <checkpoint dir> <out jsonl>: greedy answers to the held-out prompts, scored by the gold judge
   "$py" -m mrlhf.cli generate --checkpoint "$1" --prompts "$prompts" --out "$2" generation.temperature=0 >/dev/null
   "$py" -m mrlhf.demo.score "$2"
 }
 
-echo "== 1/3 SFT"
+echo "== 1/4 SFT"
 "$py" -m mrlhf.cli sft --config configs/sft_demo.yaml "$@"
 sft_score=$(judge runs/sft_demo/checkpoints runs/sft_demo/eval_generations.jsonl)
 echo "[quickstart] SFT policy on 200 held-out prompts: $sft_score"
 
-echo "== 2/3 reward model"
+echo "== 2/4 reward model"
 "$py" -m mrlhf.cli rm --config configs/rm_demo.yaml "$@"
 rm_acc=$("$py" - <<'PY'
 import json
@@ -33,10 +34,16 @@ PY
 )
 echo "[quickstart] reward model held-out pair accuracy: $rm_acc"
 
-echo "== 3/3 DPO"
+echo "== 3/4 PPO"
+"$py" -m mrlhf.cli ppo --config configs/ppo_demo.yaml "$@"
+ppo_score=$(judge runs/ppo_demo/checkpoints runs/ppo_demo/eval_generations.jsonl)
+echo "[quickstart] PPO policy on 200 held-out prompts: $ppo_score"
+
+echo "== 4/4 DPO"
 "$py" -m mrlhf.cli dpo --config configs/dpo_demo.yaml "$@"
 dpo_score=$(judge runs/dpo_demo/checkpoints runs/dpo_demo/eval_generations.jsonl)
 echo
 echo "[quickstart] SFT policy : $sft_score"
 echo "[quickstart] RM accuracy: $rm_acc (held-out pairs)"
+echo "[quickstart] PPO policy : $ppo_score"
 echo "[quickstart] DPO policy : $dpo_score"

@@ -126,7 +126,7 @@ def _export_rank(rank, cfg_dict, path, spec, jobs, out_dir, dtype, max_bytes, dr
     from mrlhf.parallel.state import init_distributed
 
     cfg = config_from_dict(cfg_dict)
-    init_distributed(cfg)
+    init_distributed(cfg, "generate")  # no training batches to check
     written = {}
     for role, sub in jobs:
         kind = role_kind(role)

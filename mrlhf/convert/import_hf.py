@@ -130,7 +130,7 @@ def _convert_rank(
     from mrlhf.parallel.state import init_distributed
 
     cfg = config_from_dict(cfg_dict)
-    init_distributed(cfg)
+    init_distributed(cfg, "generate")  # no training batches to check
     model = meta_role_model(cfg, role, spec.vocab, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
     dtype = cfg.to_transformer_config().params_dtype
     table = recipes(spec, role in SCALAR_ROLES)

@@ -58,7 +58,7 @@ def _reshard_rank(rank: int, cfg_dict: dict, path: str, meta: dict, vocab: int, 
     from mrlhf.parallel.state import init_distributed
 
     cfg = config_from_dict(cfg_dict)
-    init_distributed(cfg)
+    init_distributed(cfg, "generate")  # no training batches to check
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     models, strategies = {}, {}
     for role in meta["roles"]:

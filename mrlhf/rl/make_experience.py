@@ -30,9 +30,9 @@ from mrlhf.rl.kl import kl_penalty
 from mrlhf.testing_faults import fault_ids
 
 
-def iteration_seed(base: int, iteration: int) -> int:
-    """Sampling seed of PPO iteration ``iteration``: distinct per iteration, fixed by the generation seed."""
-    return (base << 32) + iteration + 1
+def iteration_seed(generation_seed: int, training_seed: int, iteration: int) -> int:
+    """Sampling seed of PPO iteration ``iteration``: distinct per iteration, fixed by the generation and run seeds."""
+    return ((generation_seed * 1_000_003 + training_seed) << 32) + iteration + 1
 
 
 def rollout(
@@ -51,7 +51,7 @@ def rollout(
     g, n = cfg.generation, cfg.ppo.n_samples
     engine_cfg = GenerationConfig(
         max_new_tokens=g.max_new_tokens,
-        sampling=SamplingParams(g.temperature, g.top_k, g.top_p, iteration_seed(g.seed, iteration)),
+        sampling=SamplingParams(g.temperature, g.top_k, g.top_p, iteration_seed(g.seed, cfg.training.seed, iteration)),
         stop_token_ids=(eos_id,),
         micro_batch_size=g.micro_batch_size,
         num_slots=g.num_slots,

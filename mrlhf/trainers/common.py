@@ -101,19 +101,38 @@ class MetricsWriter:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+        self.tb = None
+        if self.enabled and cfg.logging.tensorboard:
+            try:  # TensorBoard only when installed
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(os.path.join(cfg.training.output_dir, "tensorboard"))
+        self.done = initial
+
+    BAR_KEYS = ("loss", "lr", "grad_norm", "reward_raw_mean", "kl_per_sequence", "response_length")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        step = int(record.get("step", record.get("iteration", 0)))
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not k.startswith(("step", "iteration")):
+                    self.tb.add_scalar(k, v, step)
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "lr", "grad_norm")})
+            self.bar.update(max(step - self.done, 0))
+            self.done = max(step, self.done)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in self.BAR_KEYS})
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def save_resolved_config(cfg: RunConfig, ctx: ParallelContext) -> None:

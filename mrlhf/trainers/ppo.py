@@ -174,7 +174,7 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
     kl_ctl = build_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
     saved = {r: roles[r] for r in ("actor", "critic") if r in roles}
     if ema is not None:
-        saved["actor_ema"] = ema
+        saved["ema_actor"] = ema
     if p.save_frozen_roles:
         saved.update({r: roles[r] for r in FROZEN})
     state = TrainState(extra={"actor_updates": 0, "critic_updates": 0, "skipped_steps": 0})

@@ -71,7 +71,7 @@ def ppo_rank(rank: int, out: str, layout: dict[str, int], extra: list[str], init
     roles = result["roles"]
     params = {r: _params(roles[r]) for r in ("actor", "critic") if r in roles}
     if result["ema"] is not None:
-        params["actor_ema"] = _params(result["ema"])
+        params["ema_actor"] = _params(result["ema"])
     res = {
         "records": result["records"],
         "params": params,
@@ -82,7 +82,7 @@ def ppo_rank(rank: int, out: str, layout: dict[str, int], extra: list[str], init
     }
     if initial:
         vocab = roles["actor"].backbone.real_vocab_size
-        res["initial"] = {r: _params(build_role(cfg, r, vocab)) for r in params if r != "actor_ema"}
+        res["initial"] = {r: _params(build_role(cfg, r, vocab)) for r in params if r != "ema_actor"}
     return res
 
 
