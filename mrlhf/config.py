@@ -284,7 +284,9 @@ class GenerationSection:
     num_slots: int | None = None
     """Microbatches in flight; None means pp (every stage busy)."""
     stop_strings: list[str] = field(default_factory=list)
-    """Extra strings that end a sequence (eos always does)."""
+    """Extra strings that end a sequence (eos always does, unless ignore_eos)."""
+    ignore_eos: bool = False
+    """PPO rollouts: always generate max_new_tokens, EOS included (fixed-length benchmarks)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.micro_batch_size < 1:

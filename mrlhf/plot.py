@@ -43,7 +43,12 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(path, None, None, "not found (is this a run's output_dir?)")
     records = read_metrics(path)
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from mrlhf.errors import MrlhfError
+
+        raise MrlhfError("mrlhf plot needs matplotlib: run scripts/setup.sh (or pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -53,8 +53,8 @@ class RoleModel(torch.nn.Module):
 
     def set_lm_output(self, temperature: float = 1.0, entropy: bool = False) -> None:
         """LM roles: scale logits by 1/temperature; with ``entropy`` also return the per-token entropy."""
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
         self.lm_temperature, self.lm_entropy = float(temperature), entropy
 
     @property

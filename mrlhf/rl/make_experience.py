@@ -52,7 +52,7 @@ def rollout(
     engine_cfg = GenerationConfig(
         max_new_tokens=g.max_new_tokens,
         sampling=SamplingParams(g.temperature, g.top_k, g.top_p, iteration_seed(g.seed, cfg.training.seed, iteration)),
-        stop_token_ids=(eos_id,),
+        stop_token_ids=() if g.ignore_eos else (eos_id,),
         micro_batch_size=g.micro_batch_size,
         num_slots=g.num_slots,
     )

@@ -77,6 +77,25 @@ def optimizer_step(
     return {"lr": lr, "grad_norm": norm, "skipped_step": float(skipped)}
 
 
+def check_skip(state: TrainState, skipped: float, cfg: RunConfig, what: str, step: int) -> None:
+    """Count skipped (non-finite) steps: warn at each, stop after training.max_consecutive_skips in a row."""
+    extra = state.extra
+    if not skipped:
+        extra["consecutive_skips"] = 0
+        return
+    extra["skipped_steps"] = extra.get("skipped_steps", 0) + 1
+    extra["consecutive_skips"] = extra.get("consecutive_skips", 0) + 1
+    log_main(f"warning: {what} step {step} skipped (non-finite loss or gradient); {extra['consecutive_skips']} in a row")
+    limit = cfg.training.max_consecutive_skips
+    if extra["consecutive_skips"] >= limit:
+        from mrlhf.errors import TrainingError
+
+        raise TrainingError(
+            f"{what}: {extra['consecutive_skips']} optimizer steps in a row had a non-finite loss or gradient (step "
+            f"{step}); stopping (training.max_consecutive_skips={limit}). Lower the learning rate or check the data."
+        )
+
+
 def reduce_last_stage_scalars(values: list[float]) -> list[float]:
     """Sum per-DP-rank scalars of the last stage over DP and hand the result to every rank."""
     t = torch.tensor(values if ps.is_pipeline_last_stage() else [0.0] * len(values), dtype=torch.float64)
@@ -278,6 +297,7 @@ def run_supervised(
         total = float(comm.all_reduce_dp(torch.tensor([float(stage.count(mbs))], dtype=torch.float64)))
         stats = forward_backward(model, mbs, stage.loss_fn(total), cfg.model.hidden_size, dtype, ctx.device)
         step_metrics = optimizer_step(model, opt, cfg, state.step)
+        check_skip(state, step_metrics["skipped_step"], cfg, stage.name, state.step + 1)
         state.step += 1
         state.consumed_samples += t.global_batch_size
         state.extra["lr_scheduler"] = {"last_step": state.step - 1, "last_lr": step_metrics["lr"]}

@@ -24,7 +24,7 @@ from megatron.core import parallel_state as ps
 
 from mrlhf import checkpoint as ckpt
 from mrlhf.config import ModelConfig, RunConfig
-from mrlhf.errors import CheckpointError, ConfigError, TrainingError
+from mrlhf.errors import CheckpointError, ConfigError
 from mrlhf.models import residency
 from mrlhf.models.roles import RoleModel, build_role
 from mrlhf.parallel import comm
@@ -40,6 +40,7 @@ from mrlhf.testing_faults import maybe_fault, nan_loss_requested
 from mrlhf.trainers.common import (
     MetricsWriter,
     TrainState,
+    check_skip,
     check_tokenizer,
     dp_slice,
     log_main,
@@ -74,11 +75,21 @@ class PPORun:
 
 
 def load_ppo_data(cfg: RunConfig):
-    """Tokenizer, prompt datasets and the optional ptx dataset; needs no process group (the CLI runs it first)."""
+    """Tokenizer, prompt datasets and the optional ptx dataset, after checking that every role's checkpoint exists;
+    needs no process group (the CLI runs it first)."""
     from mrlhf.data.datasets import build_datasets
     from mrlhf.data.tokenizer import Tokenizer
     from mrlhf.errors import DataError
 
+    if not cfg.generation.temperature > 0:
+        raise ConfigError("ppo needs generation.temperature > 0 (rollouts are sampled; greedy has no log-probs)")
+    for name in ("actor_load_dir", "reference_load_dir", "critic_load_dir", "reward_load_dir"):
+        src = getattr(cfg.ppo, name)
+        if src is not None:
+            try:
+                ckpt.read_meta(ckpt.latest_checkpoint(src) or src)
+            except CheckpointError as e:
+                raise CheckpointError(f"ppo.{name}={src}: {e}") from None
     tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
     prompts = build_datasets(cfg, "prompt", "ppo", tokenizer)
     if len(prompts.train) < cfg.training.global_batch_size:
@@ -296,6 +307,7 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
     steps: dict[str, list[dict[str, float]]] = {"actor": [], "critic": []}
     actor, critic = run.roles["actor"], run.roles.get("critic")
     poison = nan_loss_requested(torch.distributed.get_rank(), run.state.step)
+    iteration = run.state.step + 1
     for _ in range(p.ppo_epochs):
         for k in range(p.num_minibatches):
             rows = minibatch_rows(exp, k, p.num_minibatches)
@@ -315,11 +327,9 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
                 _sum_stats(forward_backward(actor, mbs, loss_fn, cfg.model.hidden_size, _dtype(actor), ctx.device), sums)
                 st = optimizer_step(actor, run.optimizers["actor"], cfg, extra["actor_updates"], total_steps=actor_total)
                 steps["actor"].append(st)
-                if st["skipped_step"]:
-                    _skipped(run, cfg, "actor")
-                else:
+                check_skip(run.state, st["skipped_step"], cfg, f"ppo iteration {iteration}: actor", extra["actor_updates"] + 1)
+                if not st["skipped_step"]:
                     extra["actor_updates"] += 1
-                    extra["consecutive_skips"] = 0
                     if run.ema is not None:
                         ema_update(list(run.ema.parameters()), list(actor.parameters()), p.ema_decay)
             if critic is not None:
@@ -334,11 +344,10 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
                 st = optimizer_step(critic, run.optimizers["critic"], cfg, extra["critic_updates"],
                                     cfg.critic_optimizer, cfg.critic_scheduler, critic_total)  # fmt: skip
                 steps["critic"].append(st)
-                if st["skipped_step"]:
-                    _skipped(run, cfg, "critic")
-                else:
+                check_skip(run.state, st["skipped_step"], cfg, f"ppo iteration {iteration}: critic",
+                           extra["critic_updates"] + 1)  # fmt: skip
+                if not st["skipped_step"]:
                     extra["critic_updates"] += 1
-                    extra["consecutive_skips"] = 0
     keys_out = ("pg_loss_sum", "clipped_sum", "approx_kl_sum", "actor_tokens", "ptx_nll_sum", "value_loss_sum",
                 "value_clipped_sum", "critic_tokens")  # fmt: skip
     local = [float(sums.get(k, 0.0)) for k in keys_out] if last else [0.0] * len(keys_out)
@@ -356,20 +365,6 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
         out.update(critic_grad_norm=steps["critic"][-1]["grad_norm"], critic_lr=steps["critic"][-1]["lr"])
     out["skipped_steps"] = float(sum(st["skipped_step"] for v in steps.values() for st in v))
     return out
-
-
-def _skipped(run: PPORun, cfg: RunConfig, role: str) -> None:
-    extra = run.state.extra
-    extra["skipped_steps"] = extra.get("skipped_steps", 0) + 1
-    extra["consecutive_skips"] = extra.get("consecutive_skips", 0) + 1
-    log_main(f"warning: ppo iteration {run.state.step + 1}: {role} step skipped (non-finite loss or gradient); "
-             f"{extra['consecutive_skips']} in a row")  # fmt: skip
-    if extra["consecutive_skips"] >= cfg.training.max_consecutive_skips:
-        raise TrainingError(
-            f"ppo: {extra['consecutive_skips']} optimizer steps in a row had a non-finite loss or gradient (iteration "
-            f"{run.state.step + 1}); stopping (training.max_consecutive_skips={cfg.training.max_consecutive_skips}). "
-            "Lower the learning rate or check the reward model."
-        )
 
 
 def _dtype(model) -> torch.dtype:

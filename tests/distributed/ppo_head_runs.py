@@ -85,7 +85,7 @@ def actor_rank(rank: int, tp: int) -> dict:
         out["lp1"] = model(*args, targets=batch["labels"])
     out["lp07"], out["entropy07"] = lp, ent
     out["logits"] = full_logits_on_last_stage(model, batch, cfg)
-    for t in (0.0, -1.0, float("nan")):
+    for t in (0.0, -1.0, float("nan"), float("inf")):
         try:
             model.set_lm_output(temperature=t, entropy=True)
             out["refused"][str(t)] = None

@@ -440,7 +440,7 @@ def test_plot_ppo_run_writes_one_png_per_present_group(tmp_path: Path) -> None:
     written = plot_run(str(run))
     names = sorted(Path(p).name for p in written)
     # groups with at least one metric of the run; logprob_mismatch has none
-    assert names == ["critic.png", "kl.png", "policy.png", "reward.png", "responses.png", "time.png"]
+    assert names == ["critic.png", "kl.png", "policy.png", "responses.png", "reward.png", "time.png"]
     for p in written:
         assert Path(p).parent == run / "plots"
         assert Path(p).read_bytes()[:8] == PNG_MAGIC
@@ -520,24 +520,41 @@ def test_cli_ppo_bad_estimator(capsys, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_cli_ppo_missing_actor_checkpoint(capsys, tmp_path: Path, monkeypatch) -> None:
-    """The load directory is only read once the roles are built (after a 1-process gloo group started): still one
-    line naming the path and exit code 2. The environment a world-1 process group sets is restored afterwards."""
-    from mrlhf.cli import main
-
+@pytest.fixture
+def world1_env(monkeypatch):
+    """What a world-1 process group reads (the CLI would set it in os.environ for good); restored afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(k, v)
-    code = main(["ppo", "--config", PPO_YAML, "ppo.actor_load_dir=/nonexistent", "ppo.critic_load_dir=null",
-                 f"training.output_dir={tmp_path / 'out'}", "data.cache_dir=null", "logging.progress_bar=false",
-                 "parallel.backend=gloo"])  # fmt: skip
-    line = error_line(capsys, code)
-    assert "/nonexistent" in line, line
+
+
+def run_ppo_past_the_data_check(tmp_path: Path, *overrides: str) -> int:
+    from mrlhf.cli import main
+
+    common = [f"training.output_dir={tmp_path / 'out'}", "data.cache_dir=null", "logging.progress_bar=false",
+              "parallel.backend=gloo"]  # fmt: skip
+    code = main(["ppo", "--config", PPO_YAML, *common, *overrides])
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # the CLI tore its process group down
+    return code
+
+
+def test_cli_ppo_missing_actor_checkpoint(capsys, tmp_path: Path, world1_env) -> None:
+    """The load directory is only read once the roles are built (after a 1-process gloo group started): still one
+    line naming the path, exit code 2."""
+    code = run_ppo_past_the_data_check(tmp_path, "ppo.actor_load_dir=/nonexistent", "ppo.critic_load_dir=null")
+    line = error_line(capsys, code)
+    assert "/nonexistent" in line and "ppo.actor_load_dir" in line, line
+
+
+def test_cli_ppo_greedy_generation_is_refused(capsys, tmp_path: Path, world1_env) -> None:
+    # generation.temperature=0 is valid for `mrlhf generate` (greedy) but not for PPO, which needs sampled log-probs
+    code = run_ppo_past_the_data_check(tmp_path, "generation.temperature=0", "ppo.critic_load_dir=null")
+    line = error_line(capsys, code)
+    assert "generation.temperature > 0" in line, line
 
 
 def test_cli_ppo_config_errors_exit_2_for_every_bad_field(capsys) -> None:

@@ -1,0 +1,103 @@
+"""The mrlhf half of benchmarks/ppo_vs_trl.py: seconds per PPO / GRPO iteration of `mrlhf ppo` on the benchmark shape.
+
+Shape (the same as the TRL half): GPT-2 flavour, 4 layers, hidden 256, 4 heads, vocab 8000, random init for every
+role, 16 prompts of exactly 32 tokens, exactly 64 generated tokens (EOS ignored), 1 PPO epoch, 1 minibatch, fp32, one
+process. PPO builds all four roles (actor, reference, critic, reward model); GRPO builds actor, reference and reward
+model (4 prompts x 4 samples = 16 sequences, the TRL GRPO shape), scoring with the reward *model* where TRL's GRPO
+calls a Python reward function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "mrlhf", "assets", "demo", "tokenizer.model")
+PROMPT_TOKENS, NEW_TOKENS, BATCH = 32, 64, 16
+
+
+def _prompt_file(directory: str, n: int = 64) -> str:
+    """Prompts whose rendered form is exactly PROMPT_TOKENS tokens (bos + plain template + text)."""
+    from mrlhf.data.datasets import TokenizeOptions, load_tokenized
+    from mrlhf.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(TOKENIZER)
+    words = "What is 3 plus 4 and then 7 times 8 minus 2".split()
+    path = os.path.join(directory, "prompts.jsonl")
+    opts = TokenizeOptions(max_seq_len=512, max_prompt_len=256)
+    texts = []
+    for i in range(n):
+        k = 1
+        while True:  # grow the text until the rendered prompt reaches the target length
+            text = " ".join(words[(i + j) % len(words)] for j in range(k))
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"prompt": text}) + "\n")
+            length = len(load_tokenized(path, "prompt", tok, opts, None)[0])
+            if length >= PROMPT_TOKENS:
+                break
+            k += 1
+        if length == PROMPT_TOKENS:
+            texts.append(text)
+    if len(texts) < BATCH:
+        raise RuntimeError(f"could only build {len(texts)} prompts of exactly {PROMPT_TOKENS} tokens")
+    with open(path, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"prompt": text}) + "\n")
+    return path
+
+
+def overrides(algo: str, prompts: str, out: str, iterations: int) -> list[str]:
+    grpo = algo == "grpo"
+    return [
+        "model.flavour=gpt2", "model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4",
+        "model.num_query_groups=null", "model.ffn_hidden_size=null", "model.vocab_size=8000",
+        "model.max_position_embeddings=128",
+        f"data.train_path={prompts}", "data.eval_path=null", f"data.tokenizer_path={TOKENIZER}",
+        "data.max_seq_len=128", "data.max_prompt_len=64", "data.cache_dir=null",
+        f"training.train_steps={iterations}", f"training.global_batch_size={4 if grpo else BATCH}",
+        f"training.micro_batch_size={BATCH}", "training.eval_interval=0", f"training.output_dir={out}",
+        f"generation.max_new_tokens={NEW_TOKENS}", "generation.ignore_eos=true", "generation.temperature=1.0",
+        f"generation.micro_batch_size={BATCH}",
+        f"ppo.estimator={'grpo' if grpo else 'gae'}", f"ppo.n_samples={4 if grpo else 1}", "ppo.ppo_epochs=1",
+        "ppo.num_minibatches=1", "ppo.offload_frozen=false", "checkpoint.enabled=false",
+        "logging.progress_bar=false", "logging.tensorboard=false",
+    ]  # fmt: skip
+
+
+def mrlhf_side(algo: str, iterations: int, warmup: int, threads: int = 2) -> dict:
+    """Mean and std of seconds per iteration after ``warmup`` iterations, and the share spent generating."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from mrlhf.config import load_config
+    from mrlhf.parallel.state import destroy_distributed, init_distributed
+    from mrlhf.trainers.ppo import train_ppo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = _prompt_file(tmp)
+        cfg = load_config(None, overrides(algo, prompts, os.path.join(tmp, "run"), warmup + iterations))
+        ctx = init_distributed(cfg, "ppo")
+        try:
+            records = train_ppo(cfg, ctx)["records"][warmup:]
+        finally:
+            destroy_distributed()
+    times = [r["iteration_time_s"] for r in records]
+    gen = sum(r["time_generate_s"] for r in records) / sum(times)
+    return {
+        "algo": algo,
+        "seconds_per_iteration": statistics.fmean(times),
+        "std": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "generation_share": gen,
+        "phases": {k: statistics.fmean(r[f"time_{k}_s"] for r in records) for k in ("generate", "experience", "train")},
+        "iterations": len(times),
+        "response_length": statistics.fmean(r["response_length"] for r in records),
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(mrlhf_side(sys.argv[1] if len(sys.argv) > 1 else "ppo", 3, 1)))
