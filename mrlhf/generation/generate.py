@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from mrlhf.data.collate import collate_prompts
@@ -159,8 +158,6 @@ class Generator:
         for work in self._pending_sends:
             work.wait()
         self._comm_s += time.perf_counter() - start
-        nxt = ps.get_pipeline_model_parallel_next_rank()
-        group = ps.get_pipeline_model_parallel_group()
         room = self._frame_bytes(to_first=self.last)
         frame = torch.zeros(self.HEADER_BYTES + room, dtype=torch.uint8, device=self.device)
         frame[: self.HEADER_BYTES] = header.to(self.device).view(torch.uint8)
@@ -168,9 +165,9 @@ class Generator:
         inline = raw is not None and raw.numel() <= room
         if inline:
             frame[self.HEADER_BYTES : self.HEADER_BYTES + raw.numel()] = raw
-        self._pending_sends = [dist.isend(frame, nxt, group=group)]
+        self._pending_sends = [comm.isend_next_stage(frame)]
         if raw is not None and not inline:
-            self._pending_sends.append(dist.isend(payload.contiguous(), nxt, group=group))
+            self._pending_sends.append(comm.isend_next_stage(payload.contiguous()))
 
     def _on_return(self, rheader: torch.Tensor, rpayload, slots, pending) -> bool:
         """First stage: apply a frame that came back from the last stage (a slot's new tokens and done flags); True on
@@ -193,7 +190,7 @@ class Generator:
         """First stage, PP > 1: post the receive of one frame coming back from the last stage (always a single
         frame: header + [2, rows] tokens/done flags)."""
         frame = torch.empty(self.HEADER_BYTES + self._frame_bytes(to_first=True), dtype=torch.uint8, device=self.device)
-        work = dist.irecv(frame, ps.get_pipeline_model_parallel_prev_rank(), group=ps.get_pipeline_model_parallel_group())
+        work = comm.irecv_prev_stage(frame)
         self._returns.append((work, frame))
 
     def _take_returns(self, slots, pending, need: int | None, until_stop: bool = False) -> bool:
@@ -224,16 +221,14 @@ class Generator:
             self._comm_s += time.perf_counter() - start
 
     def _recv_message(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        prv = ps.get_pipeline_model_parallel_prev_rank()
-        group = ps.get_pipeline_model_parallel_group()
         room = self._frame_bytes(to_first=self.first)
         frame = torch.empty(self.HEADER_BYTES + room, dtype=torch.uint8, device=self.device)
-        dist.irecv(frame, prv, group=group).wait()
+        comm.irecv_prev_stage(frame).wait()
         header, spec, payload = self._parse_frame(frame)
         if spec is None or payload is not None:
             return header, payload
         buf = torch.empty(spec[0], dtype=spec[1], device=self.device)  # did not fit: it follows as a second message
-        dist.irecv(buf, prv, group=group).wait()
+        comm.irecv_prev_stage(buf).wait()
         return header, buf
 
     def _parse_frame(self, frame: torch.Tensor):
@@ -353,14 +348,15 @@ class Generator:
         wall = time.perf_counter() - t0
         kv_bytes = cache.nbytes
         cache.free()
-        for t in (out_tokens, out_logprobs, out_len, out_reason):
-            comm.broadcast_from_last_stage(t)
+        for t in (out_tokens, out_logprobs, out_len, out_reason):  # kept on the host; the broadcast runs on the device
+            if self.pp > 1:
+                t.copy_(comm.broadcast_from_last_stage(t.to(self.device)).cpu())
         tokens = [out_tokens[i, : out_len[i]].tolist() for i in range(n)]
         logprobs = [out_logprobs[i, : out_len[i]].tolist() for i in range(n)]
         stats = {"wall_s": wall, "busy_s": busy_time, "busy_fraction": busy_time / max(wall, 1e-9), "ticks": tick,
                  "kv_cache_bytes": kv_bytes}  # fmt: skip
         if self.pp > 1:  # every stage's busy and waiting fractions, for the pipeline benchmark
-            frac = torch.zeros(2, self.pp, dtype=torch.float64)
+            frac = torch.zeros(2, self.pp, dtype=torch.float64, device=self.device)
             frac[0, self.pp_rank] = stats["busy_fraction"]
             frac[1, self.pp_rank] = self._comm_s / max(wall, 1e-9)
             comm.all_reduce_pp(frac)

@@ -10,6 +10,30 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+_RUN_DEVICE: torch.device | None = None
+
+
+def set_run_device(device: torch.device | None) -> None:
+    """The device every collective's tensors must live on (``init_distributed`` sets it: cuda under NCCL)."""
+    global _RUN_DEVICE
+    _RUN_DEVICE = None if device is None else torch.device(device)
+
+
+def run_device() -> torch.device:
+    """The run's device (cpu before ``init_distributed``)."""
+    return _RUN_DEVICE or torch.device("cpu")
+
+
+def _on_run_device(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Refuse a tensor that is not on the run's device -- also in a one-rank run, where the collective itself is
+    skipped, so a single-GPU run finds every call site that would hand NCCL a CPU tensor."""
+    if _RUN_DEVICE is not None and t.device.type != _RUN_DEVICE.type:
+        raise RuntimeError(
+            f"comm.{what}: got a tensor on {t.device}, but this run's collectives take {_RUN_DEVICE.type} tensors "
+            "(NCCL has no CPU backend): create it with device=ctx.device"
+        )
+    return t
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -17,6 +41,7 @@ def world_size() -> int:
 
 def all_reduce_dp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     """Reduce in place over the data-parallel group."""
+    _on_run_device(t, "all_reduce_dp")
     if ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(t, op=op, group=ps.get_data_parallel_group())
     return t
@@ -24,6 +49,7 @@ def all_reduce_dp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> tor
 
 def all_reduce_tp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     """Reduce in place over the tensor-parallel group."""
+    _on_run_device(t, "all_reduce_tp")
     if ps.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(t, op=op, group=ps.get_tensor_model_parallel_group())
     return t
@@ -32,6 +58,7 @@ def all_reduce_tp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> tor
 def sum_tp_differentiable(t: torch.Tensor) -> torch.Tensor:
     """Sum of every TP rank's partial ``t`` (out of place); the backward passes the gradient through unchanged, as
     for any partial sum whose consumer is replicated over TP (megatron's reduce_from_tensor_model_parallel_region)."""
+    _on_run_device(t, "sum_tp_differentiable")
     if ps.get_tensor_model_parallel_world_size() == 1:
         return t
     from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
@@ -41,6 +68,7 @@ def sum_tp_differentiable(t: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_pp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     """Reduce in place over the pipeline group."""
+    _on_run_device(t, "all_reduce_pp")
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(t, op=op, group=ps.get_pipeline_model_parallel_group())
     return t
@@ -48,6 +76,7 @@ def all_reduce_pp(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> tor
 
 def all_reduce_model_parallel(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     """Reduce in place over TP and PP together (one model replica)."""
+    _on_run_device(t, "all_reduce_model_parallel")
     if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(t, op=op, group=ps.get_model_parallel_group())
     return t
@@ -55,6 +84,7 @@ def all_reduce_model_parallel(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp
 
 def all_reduce_embedding_group(t: torch.Tensor) -> torch.Tensor:
     """Sum over the first and last stage (tied word-embedding gradients with PP > 1)."""
+    _on_run_device(t, "all_reduce_embedding_group")
     if ps.get_pipeline_model_parallel_world_size() > 1 and ps.is_rank_in_embedding_group():
         dist.all_reduce(t, group=ps.get_embedding_group())
     return t
@@ -62,6 +92,7 @@ def all_reduce_embedding_group(t: torch.Tensor) -> torch.Tensor:
 
 def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
     """Every stage receives the last stage's tensor (same shape and dtype must be allocated everywhere)."""
+    _on_run_device(t, "broadcast_from_last_stage")
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
     return t
@@ -69,6 +100,7 @@ def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
 
 def broadcast_from_dp_rank(t: torch.Tensor, dp_rank: int) -> torch.Tensor:
     """Every dp rank receives the tensor of ``dp_rank`` (used by the ZeRO-1 optimizer after its step)."""
+    _on_run_device(t, "broadcast_from_dp_rank")
     if ps.get_data_parallel_world_size() > 1:
         src = dist.get_global_rank(ps.get_data_parallel_group(), dp_rank)
         dist.broadcast(t, src=src, group=ps.get_data_parallel_group())
@@ -77,11 +109,24 @@ def broadcast_from_dp_rank(t: torch.Tensor, dp_rank: int) -> torch.Tensor:
 
 def all_gather_tp(t: torch.Tensor) -> list[torch.Tensor]:
     """Every TP rank's copy of ``t`` (same shape everywhere), in TP-rank order."""
+    _on_run_device(t, "all_gather_tp")
     if ps.get_tensor_model_parallel_world_size() == 1:
         return [t]
     parts = [torch.empty_like(t) for _ in range(ps.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
     return parts
+
+
+def isend_next_stage(t: torch.Tensor) -> dist.Work:
+    """Post a send of ``t`` to the next pipeline stage (the generation ring); wait on the returned handle."""
+    _on_run_device(t, "isend_next_stage")
+    return dist.isend(t, ps.get_pipeline_model_parallel_next_rank(), group=ps.get_pipeline_model_parallel_group())
+
+
+def irecv_prev_stage(t: torch.Tensor) -> dist.Work:
+    """Post a receive into ``t`` from the previous pipeline stage (the generation ring)."""
+    _on_run_device(t, "irecv_prev_stage")
+    return dist.irecv(t, ps.get_pipeline_model_parallel_prev_rank(), group=ps.get_pipeline_model_parallel_group())
 
 
 def barrier() -> None:
@@ -102,6 +147,12 @@ def _p2p(
     """Post all requested sends/receives together, wait, and return (from_prev, from_next)."""
     ops = []
     from_prev = from_next = None
+    for t in (send_next, send_prev):
+        if t is not None:
+            _on_run_device(t, "p2p send")
+    for spec in (recv_prev, recv_next):
+        if spec is not None and _RUN_DEVICE is not None and torch.device(spec[2]).type != _RUN_DEVICE.type:
+            raise RuntimeError(f"comm p2p receive: buffer on {spec[2]}, but this run communicates on {_RUN_DEVICE.type}")
     group = ps.get_pipeline_model_parallel_group()
     if send_next is not None:
         ops.append(dist.P2POp(dist.isend, send_next.contiguous(), ps.get_pipeline_model_parallel_next_rank(), group))

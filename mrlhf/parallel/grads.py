@@ -75,12 +75,10 @@ def counts_for_norm(p: torch.nn.Parameter) -> bool:
 
 def global_grad_norm(params: list[torch.nn.Parameter]) -> float:
     """L2 norm of the whole model's gradient (one replica: reduced over TP and PP)."""
-    total = torch.zeros(1, dtype=torch.float64)
-    for p in params:
-        if p.grad is not None and counts_for_norm(p):
-            total += p.grad.detach().double().pow(2).sum().cpu()
-    device = params[0].device if params else torch.device("cpu")
-    total = total.to(device)
+    device = params[0].device if params else comm.run_device()
+    squares = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None and counts_for_norm(p)]
+    # summed on the device, reduced once, read on the host once (a host sync per parameter stalls a GPU)
+    total = torch.stack(squares).sum().reshape(1) if squares else torch.zeros(1, dtype=torch.float64, device=device)
     comm.all_reduce_model_parallel(total)
     return math.sqrt(float(total))
 

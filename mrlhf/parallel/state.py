@@ -95,6 +95,9 @@ def init_distributed(cfg: RunConfig, stage: str = "") -> ParallelContext:
     assert parallel_state.get_pipeline_model_parallel_rank() == coord.pp_rank
     assert parallel_state.get_data_parallel_rank() == coord.dp_rank
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    from mrlhf.parallel import comm
+
+    comm.set_run_device(device)
     return ParallelContext(layout=layout, rank=rank, coord=coord, device=device)
 
 
@@ -106,3 +109,6 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    from mrlhf.parallel import comm
+
+    comm.set_run_device(None)

@@ -98,7 +98,9 @@ def check_skip(state: TrainState, skipped: float, cfg: RunConfig, what: str, ste
 
 def reduce_last_stage_scalars(values: list[float]) -> list[float]:
     """Sum per-DP-rank scalars of the last stage over DP and hand the result to every rank."""
-    t = torch.tensor(values if ps.is_pipeline_last_stage() else [0.0] * len(values), dtype=torch.float64)
+    t = torch.tensor(
+        values if ps.is_pipeline_last_stage() else [0.0] * len(values), dtype=torch.float64, device=comm.run_device()
+    )
     comm.all_reduce_dp(t)
     comm.broadcast_from_last_stage(t)
     return t.tolist()
@@ -294,7 +296,8 @@ def run_supervised(
         mbs = stage.microbatches(dp_slice(indices))
         if stage.before_step is not None:
             stage.before_step(mbs)
-        total = float(comm.all_reduce_dp(torch.tensor([float(stage.count(mbs))], dtype=torch.float64)))
+        count = torch.tensor([float(stage.count(mbs))], dtype=torch.float64, device=ctx.device)
+        total = float(comm.all_reduce_dp(count))
         stats = forward_backward(model, mbs, stage.loss_fn(total), cfg.model.hidden_size, dtype, ctx.device)
         step_metrics = optimizer_step(model, opt, cfg, state.step)
         check_skip(state, step_metrics["skipped_step"], cfg, stage.name, state.step + 1)

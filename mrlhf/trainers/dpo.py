@@ -46,16 +46,16 @@ def sequence_logprobs(model, mbs: list[dict], cfg: RunConfig, device) -> list[to
 def reference_table(reference, dataset, cfg: RunConfig, ctx: ParallelContext, pad_id: int) -> torch.Tensor:
     """[N, 2] reference log-probs (chosen, rejected) of every pair, identical on every rank."""
     n = len(dataset)
-    table = torch.zeros(n, 2, dtype=torch.float64)
+    table = torch.zeros(n, 2, dtype=torch.float64, device=ctx.device)  # collectives take device tensors
     dp, rank = ctx.layout.dp, ctx.dp_rank
     mine = list(range(rank, n, dp))
     mbs = preference_microbatches(dataset, mine, cfg.training.micro_batch_size, pad_id, ctx.device)
     for mb, lp in zip(mbs, sequence_logprobs(reference, mbs, cfg, ctx.device)):
         b = mb["index"].numel()
-        table[mb["index"].cpu()] = torch.stack([lp[:b], lp[b:]], dim=-1).double().cpu()
+        table[mb["index"].to(ctx.device)] = torch.stack([lp[:b], lp[b:]], dim=-1).double()
     comm.all_reduce_dp(table)
     comm.broadcast_from_last_stage(table)
-    return table
+    return table.cpu()
 
 
 def pair_stats(pi_c, pi_r, ref_c, ref_r, loss: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
