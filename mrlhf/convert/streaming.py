@@ -157,12 +157,20 @@ class ChunkReader:
         self.tensors: dict[str, TensorStorageMetadata] = {
             k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
+        # a checkpoint written with Transformer Engine layers names its fused norms differently: answer to the
+        # local layers' names too (models/keymap.py)
+        from mrlhf.models.keymap import te_to_local
+
+        self.aliases = {te_to_local(k): k for k in self.tensors if te_to_local(k) != k}
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._md(key).size)
 
+    def _stored(self, key: str) -> str:
+        return key if key in self.tensors else self.aliases.get(key, key)
+
     def _md(self, key: str) -> TensorStorageMetadata:
-        md = self.tensors.get(key)
+        md = self.tensors.get(self._stored(key))
         if md is None:
             raise ConversionError(f"{self.role_dir}: no tensor '{key}' in this checkpoint")
         return md
@@ -170,6 +178,7 @@ class ChunkReader:
     def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """Tensor ``key``'s box [offsets, offsets + sizes), in its saved dtype."""
         md = self._md(key)
+        key = self._stored(key)
         if len(offsets) != len(md.size) or any(o + s > n for o, s, n in zip(offsets, sizes, md.size)):
             raise ConversionError(
                 f"{self.role_dir}: tensor '{key}' has shape {list(md.size)}; cannot read "

@@ -59,10 +59,12 @@ def run_generate(cfg: RunConfig, ctx: ParallelContext, checkpoint: str | None, p
                 }
                 f.write(json.dumps(record) + "\n")
         os.replace(tmp, out_path)
+        from mrlhf.models.spec import describe_backend as describe_layers
         from mrlhf.ops.kv_ops import describe_backend
 
         print(
             f"[mrlhf] wrote {len(prompts)} generations to {out_path} ({out.stats['wall_s']:.2f} s, "
-            f"KV cache {out.stats['kv_cache_bytes'] / 2**20:.1f} MiB per stage; {describe_backend()})"
+            f"KV cache {out.stats['kv_cache_bytes'] / 2**20:.1f} MiB per stage; {describe_backend()}; "
+            f"{describe_layers(cfg.model)})"
         )
     return len(prompts)

@@ -27,14 +27,15 @@ def build_backbone(cfg: RunConfig, vocab_size: int, pre_process: bool, post_proc
     """megatron-core GPTModel for this rank's stage, with the padded vocabulary and our layer spec."""
     from megatron.core.models.gpt import GPTModel
 
-    from mrlhf.models.spec import get_layer_spec
+    from mrlhf.models.spec import get_layer_spec, resolve_impl
 
     m = cfg.model
     tcfg = cfg.to_transformer_config()
+    impl = resolve_impl(m)
     with building_model():
         gpt = GPTModel(
             config=tcfg,
-            transformer_layer_spec=get_layer_spec(m),
+            transformer_layer_spec=get_layer_spec(m, impl),
             vocab_size=m.padded_vocab_size(vocab_size),
             max_sequence_length=m.max_position_embeddings,
             pre_process=pre_process,
@@ -45,6 +46,7 @@ def build_backbone(cfg: RunConfig, vocab_size: int, pre_process: bool, post_proc
             rotary_base=m.rotary_base,
         )
     gpt.real_vocab_size = vocab_size
+    gpt.transformer_impl = impl
     return gpt
 
 
@@ -75,12 +77,19 @@ def _local_shard(full: torch.Tensor, param: torch.Tensor, name: str, gated: bool
     return full.chunk(tp, dim=dim)[tp_rank]
 
 
+def is_norm_param(name: str) -> bool:
+    """A norm's weight or bias: a norm module's (``input_layernorm.weight``, ``final_layernorm.bias``) or one that
+    Transformer Engine fuses into the next linear (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_bias``)."""
+    module, _, leaf = name.rpartition(".")
+    return leaf.startswith("layer_norm_") or (leaf in ("weight", "bias") and "norm" in module.rsplit(".", 1)[-1])
+
+
 def init_value(name: str, shape: tuple[int, ...], cfg: RunConfig, seed: int) -> torch.Tensor:
     """The full fp32 initial value of the parameter with global ``name``: a pure function of (seed, name)."""
     m = cfg.model
     leaf = name.rsplit(".", 1)[-1]
-    if "norm" in name:  # LayerNorm / RMSNorm weight and bias
-        return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+    if is_norm_param(name):  # LayerNorm / RMSNorm: weight 1, bias 0 (also TE's norms fused into a linear)
+        return torch.ones(shape) if leaf.endswith("weight") else torch.zeros(shape)
     if leaf == "bias":
         return torch.zeros(shape)
     std = m.init_std

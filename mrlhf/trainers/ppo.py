@@ -160,8 +160,11 @@ def reward_statistics(cfg: RunConfig) -> dict[str, float] | None:
 
 
 def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
+    from mrlhf.models.spec import describe_backend
+
     p = cfg.ppo
     seed_everything(cfg.training.seed)
+    log_main(describe_backend(cfg.model))
     tokenizer, prompts, ptx = load_ppo_data(cfg)
     save_resolved_config(cfg, ctx)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
