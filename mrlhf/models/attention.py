@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from mrlhf.ops.kv_cache import active_decode_state, cached_attention
+from mrlhf.parallel.random import model_parallel_rng
 
 
 class SDPACoreAttention(MegatronModule):
@@ -56,6 +57,15 @@ class SDPACoreAttention(MegatronModule):
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         gqa = k.shape[1] != q.shape[1]
         dropout = self.dropout_p if self.training else 0.0
+        if dropout > 0:  # heads differ between TP ranks: their dropout masks come from the TP-region stream
+            with model_parallel_rng(q.device):
+                out = self._attend(q, k, v, attention_mask, sq, dropout, gqa)
+        else:
+            out = self._attend(q, k, v, attention_mask, sq, dropout, gqa)
+        # [b, n, sq, hn] -> [sq, b, n*hn]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+    def _attend(self, q, k, v, attention_mask, sq: int, dropout: float, gqa: bool) -> torch.Tensor:
         if attention_mask is None:
             sk = k.shape[2]
             if sq == sk:
@@ -71,8 +81,7 @@ class SDPACoreAttention(MegatronModule):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa
             )
-        # [b, n, sq, hn] -> [sq, b, n*hn]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+        return out
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, sq: int) -> torch.Tensor | None:
