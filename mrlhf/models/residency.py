@@ -57,7 +57,8 @@ def device_bytes(model: torch.nn.Module, device: torch.device, optimizer=None) -
     def size(ts) -> int:
         return sum(t.numel() * t.element_size() for t in ts if t is not None and t.device == device)
 
-    report = {"params": size(_tensors(model)), "grads": size(p.grad for p in model.parameters())}
+    grads = [g for p in model.parameters() for g in (p.grad, getattr(p, "main_grad", None)) if g is not None]
+    report = {"params": size(_tensors(model)), "grads": size(grads)}
     if optimizer is not None:
         inner = getattr(optimizer, "inner", optimizer)
         state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]

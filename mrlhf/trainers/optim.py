@@ -16,6 +16,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from mrlhf.config import OptimizerConfig, SchedulerConfig
 from mrlhf.parallel import comm
+from mrlhf.parallel.grads import accumulate_in_fp32, grad_of
 
 
 def lr_at(step: int, total_steps: int, opt: OptimizerConfig, sched: SchedulerConfig) -> float:
@@ -44,8 +45,13 @@ def assign_owners(sizes: list[int], dp: int) -> list[int]:
 class Optimizer:
     """AdamW over a model's parameters: decay on matrices only, optional ZeRO-1, fp32 masters for low precision."""
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimizerConfig, zero1: bool = False) -> None:
+    def __init__(
+        self, params: list[torch.nn.Parameter], cfg: OptimizerConfig, zero1: bool = False, fp32_grads: bool = True
+    ) -> None:
+        """``fp32_grads``: low-precision parameters accumulate and reduce their gradients in fp32 (``main_grad``)."""
         self.params = params
+        if fp32_grads:
+            accumulate_in_fp32(params)
         self.cfg = cfg
         self.zero1 = zero1 and ps.get_data_parallel_world_size() > 1
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -68,6 +74,8 @@ class Optimizer:
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+            if hasattr(p, "main_grad"):
+                p.main_grad = None
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
@@ -75,7 +83,7 @@ class Optimizer:
             group["lr"] = lr
         if self.use_master:
             for i, master in self.targets.items():
-                g = self.params[i].grad
+                g = grad_of(self.params[i])
                 master.grad = None if g is None else g.float()
         self.inner.step()
         if self.use_master:
