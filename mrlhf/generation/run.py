@@ -11,13 +11,14 @@ from mrlhf.data.datasets import TokenizeOptions, load_tokenized
 from mrlhf.data.formats import read_dataset
 from mrlhf.data.templates import get_template
 from mrlhf.data.tokenizer import Tokenizer
-from mrlhf.generation.generate import GenerationOutput, Generator
+from mrlhf.generation.generate import GenerationConfig, GenerationOutput, Generator
 from mrlhf.models.roles import build_role
 from mrlhf.parallel.state import ParallelContext
 
 
 def load_actor(cfg: RunConfig, ctx: ParallelContext, checkpoint: str | None, tokenizer: Tokenizer):
-    model = build_role(cfg, "actor", cfg.model.vocab_size or tokenizer.vocab_size).to(ctx.device)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    model = build_role(cfg, "actor", vocab, device=ctx.device, from_checkpoint=bool(checkpoint))
     if checkpoint:
         path = ckpt.latest_checkpoint(checkpoint) or checkpoint
         ckpt.load_model(path, "actor", model)
@@ -26,7 +27,8 @@ def load_actor(cfg: RunConfig, ctx: ParallelContext, checkpoint: str | None, tok
 
 
 def generate_texts(model, cfg: RunConfig, tokenizer: Tokenizer, prompts: list[list[int]]) -> GenerationOutput:
-    engine = Generator(model, cfg.generation.to_engine(tokenizer.eos_id), tokenizer.pad_id, tokenizer.decode)
+    gen = GenerationConfig.from_section(cfg.generation, tokenizer.eos_id)
+    engine = Generator(model, gen, tokenizer.pad_id, tokenizer.decode)
     return engine.generate(prompts)
 
 

@@ -42,9 +42,14 @@ class TrainState:
 
 
 def seed_everything(seed: int) -> None:
+    """The default streams (alike on every rank) and this rank's TP-region stream (``parallel.random``)."""
+    from mrlhf.parallel.random import seed_model_parallel
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    seed_model_parallel(seed, tp_rank)
 
 
 def optimizer_step(
@@ -170,7 +175,9 @@ def restore(
     state = TrainState()
     path = ckpt.latest_checkpoint(cfg.save_dir) if cfg.checkpoint.resume else None
     if path is not None:
-        meta = ckpt.load_checkpoint(path, models, optimizers, tokenizer_hash)
+        meta = ckpt.load_checkpoint(
+            path, models, optimizers, tokenizer_hash, cfg.to_dict(), cfg.checkpoint.allow_config_change
+        )
         ts = meta["train_state"]
         state = TrainState(step=ts["step"], consumed_samples=ts["consumed_samples"], extra=ts.get("extra", {}))
         log_main(f"resumed from {path} at step {state.step}")
@@ -180,6 +187,8 @@ def restore(
         for role, model in models.items():
             source = ckpt.pick_source_role(src, role)
             new_head = ckpt.load_model(src, role, model, source)
+            if new_head:
+                model.init_head(cfg.training.seed)
             note = " (backbone only: the head is new)" if new_head else ""
             log_main(f"initialised '{role}' from '{source}' of {src}{note}")
     return state
@@ -276,7 +285,7 @@ def run_supervised(
     """Train ``stage.model`` to ``training.train_steps``; returns per-step losses, grad norms and the last record."""
     from mrlhf.data.datasets import global_batch_indices
     from mrlhf.parallel.schedule import forward_backward
-    from mrlhf.testing_faults import maybe_fault
+    from mrlhf.testing_faults import maybe_fault, poison_gradients
 
     t = cfg.training
     model, opt = stage.model, stage.optimizer
@@ -299,6 +308,7 @@ def run_supervised(
         count = torch.tensor([float(stage.count(mbs))], dtype=torch.float64, device=ctx.device)
         total = float(comm.all_reduce_dp(count))
         stats = forward_backward(model, mbs, stage.loss_fn(total), cfg.model.hidden_size, dtype, ctx.device)
+        poison_gradients(model, ctx.rank, state.step)  # fault tests only (MRLHF_FAULT_NAN_LOSS)
         step_metrics = optimizer_step(model, opt, cfg, state.step)
         check_skip(state, step_metrics["skipped_step"], cfg, stage.name, state.step + 1)
         state.step += 1
@@ -311,7 +321,7 @@ def run_supervised(
         grad_norms.append(step_metrics["grad_norm"])
         elapsed = time.perf_counter() - start
         record = {"step": state.step, **summary, **step_metrics, "consumed_samples": state.consumed_samples,
-                  "step_time_s": elapsed}  # fmt: skip
+                  "skipped_steps_total": state.extra.get("skipped_steps", 0), "step_time_s": elapsed}  # fmt: skip
         last = state.step == t.train_steps
         if stage.evaluate is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or last):
             record.update(stage.evaluate())
@@ -322,7 +332,7 @@ def run_supervised(
     metrics.close()
     if record:
         shown = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("loss", "eval_", "acc")))
-        log_main(f"{stage.name} done: step {state.step} {shown}")
+        log_main(f"{stage.name} done: step {state.step} {shown} skipped steps {state.extra.get('skipped_steps', 0)}")
     return {"losses": losses, "grad_norms": grad_norms, "final": record}
 
 
@@ -361,14 +371,21 @@ def load_stage_data(cfg: RunConfig, kind: str, stage: str):
 def prepare(cfg: RunConfig, ctx: ParallelContext, kind: str, stage: str, role: str) -> Prepared:
     """Seed, load and validate the data (before any model exists), build ``role``, resume or initialise it."""
     from mrlhf.models.roles import build_role
+    from mrlhf.models.spec import describe_backend
 
     seed_everything(cfg.training.seed)
+    log_main(describe_backend(cfg.model))
     tokenizer, data = load_stage_data(cfg, kind, stage)
     if any(data.stats.values()):
         log_main(f"data: {data.stats} (length policy '{cfg.data.length_policy}')")
     save_resolved_config(cfg, ctx)
-    model = build_role(cfg, role, cfg.model.vocab_size or tokenizer.vocab_size).to(ctx.device)
-    opt = Optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.parallel.zero1)
+    loading = cfg.checkpoint.load_dir or (cfg.checkpoint.resume and ckpt.latest_checkpoint(cfg.save_dir))
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    model = build_role(cfg, role, vocab, device=ctx.device, from_checkpoint=bool(loading))
+    opt = Optimizer(
+        [p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.parallel.zero1,
+        fp32_grads=cfg.training.grad_reduce_in_fp32,
+    )  # fmt: skip
     models, optimizers = {role: model}, {role: opt}
     state = restore(cfg, models, optimizers, tokenizer.hash)
     return Prepared(tokenizer, data, model, opt, models, optimizers, state)

@@ -111,7 +111,8 @@ def train_dpo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     policy, data, tokenizer = run.model, run.data, run.tokenizer
     from mrlhf import checkpoint as ckpt
 
-    reference = build_role(cfg, "reference", cfg.model.vocab_size or tokenizer.vocab_size).to(ctx.device)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    reference = build_role(cfg, "reference", vocab, device=ctx.device, from_checkpoint=True)
     check_tokenizer(init_path(cfg), tokenizer.hash)
     ckpt.load_model(init_path(cfg), "reference", reference)
     reference.eval().requires_grad_(False)

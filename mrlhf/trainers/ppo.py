@@ -148,6 +148,8 @@ def initialise_role(cfg: RunConfig, role: str, model: RoleModel, src_dir: str | 
     check_model_shape(cfg, path, role)
     source = ckpt.pick_source_role(path, role)
     new_head = ckpt.load_model(path, role, model, source)
+    if new_head:
+        model.init_head(cfg.training.seed)
     log_main(f"ppo: '{role}' from '{source}' of {path}" + (" (backbone only: the head is new)" if new_head else ""))
 
 
@@ -169,14 +171,21 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
     save_resolved_config(cfg, ctx)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     names = ["actor", "reference", "reward"] + (["critic"] if p.needs_critic else [])
-    roles = {r: build_role(cfg, r, vocab).to(ctx.device) for r in names}
+    path = ckpt.latest_checkpoint(cfg.save_dir) if cfg.checkpoint.resume else None
+    sources = role_sources(cfg)
+    kept = {"actor", "critic"} | (set(FROZEN) if p.save_frozen_roles else set())  # what a checkpoint holds
+    # a role whose weights come from a checkpoint is built on the meta device, not drawn and then overwritten
+    roles = {r: build_role(cfg, r, vocab, device=ctx.device,
+                           from_checkpoint=(path is not None and r in kept) or sources[r] is not None)
+             for r in names}  # fmt: skip
     for r in FROZEN:
         roles[r].eval().requires_grad_(False)
-    optimizers = {r: Optimizer([q for q in roles[r].parameters() if q.requires_grad], o, cfg.parallel.zero1)
+    optimizers = {r: Optimizer([q for q in roles[r].parameters() if q.requires_grad], o, cfg.parallel.zero1,
+                               fp32_grads=cfg.training.grad_reduce_in_fp32)
                   for r, o in (("actor", cfg.optimizer), ("critic", cfg.critic_optimizer)) if r in roles}  # fmt: skip
     ema = None
     if p.ema_decay > 0:
-        ema = build_role(cfg, "actor", vocab).to(ctx.device).requires_grad_(False)
+        ema = build_role(cfg, "actor", vocab, device=ctx.device, from_checkpoint=True).requires_grad_(False)
     stats = reward_statistics(cfg)
     if p.reward_normalize and stats is None:
         log_main("ppo: the reward checkpoint stores no reward statistics: normalisation starts from the first batch")
@@ -192,7 +201,6 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
     if p.save_frozen_roles:
         saved.update({r: roles[r] for r in FROZEN})
     state = TrainState(extra={"actor_updates": 0, "critic_updates": 0, "skipped_steps": 0})
-    path = ckpt.latest_checkpoint(cfg.save_dir) if cfg.checkpoint.resume else None
     if path is not None:
         meta = ckpt.load_checkpoint(path, saved, optimizers, tokenizer.hash)
         ts = meta["train_state"]
@@ -200,7 +208,6 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
         kl_ctl.load_state_dict(state.extra["kl_controller"])
         normalizer.load_state_dict(state.extra["reward_normalizer"])
         log_main(f"ppo: resumed from {path} at iteration {state.step}")
-    sources = role_sources(cfg)
     for r, model in roles.items():
         if path is None or r not in saved:
             initialise_role(cfg, r, model, sources[r], tokenizer.hash)
