@@ -34,6 +34,23 @@ def _run_forward(model, mb: Microbatch, input_tensor: torch.Tensor | None) -> to
     )
 
 
+def pseudo_free(out: torch.Tensor) -> None:
+    """A stage's output is dead once sent -- only its autograd graph is needed for the backward -- so its storage is
+    swapped for a 1-element tensor (megatron's ``deallocate_output_tensor``): 1F1B then holds the stage's activations
+    but not its ``[s, b, h]`` outputs. Views share their base's storage and are left alone."""
+    if out._base is None:
+        out.data = torch.empty((1,), device=out.device, dtype=out.dtype)
+
+
+def backward_freed(out: torch.Tensor, grad: torch.Tensor) -> None:
+    """Backward from a pseudo-freed output: the autograd engine directly, since ``torch.autograd.backward`` checks that
+    ``grad`` has the output's (now 1-element) shape (megatron's ``custom_backward``)."""
+    torch.autograd.Variable._execution_engine.run_backward(
+        tensors=(out,), grad_tensors=(grad,), keep_graph=False, create_graph=False, inputs=(),
+        allow_unreachable=True, accumulate_grad=True,
+    )  # fmt: skip
+
+
 def forward_backward(
     model: torch.nn.Module,
     microbatches: list[Microbatch],
@@ -68,7 +85,7 @@ def forward_backward(
         if last:
             torch.autograd.backward(out)
         else:
-            torch.autograd.backward(out, grad_tensors=grad)
+            backward_freed(out, grad)
         return None if inp is None else inp.grad
 
     # warm-up forwards
@@ -77,6 +94,7 @@ def forward_backward(
         out = forward(i, inp)
         if not last:
             comm.send_forward(out)
+            pseudo_free(out)
         inputs.append(inp)
         outputs.append(out)
 
@@ -90,6 +108,7 @@ def forward_backward(
             grad = None
         else:
             grad = comm.send_forward_recv_backward(out, spec[k])
+            pseudo_free(out)
         inputs.append(inp)
         outputs.append(out)
         in_grad = backward(inputs.pop(0), outputs.pop(0), grad)
