@@ -536,6 +536,12 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   return out;
 }
 
+// Debug checks that cost a device->host sync per call on CUDA (the kv_append bounds check). Off by default: the
+// CUDA kernel skips out-of-range slots, so memory stays safe without it; turn it on to get the error instead.
+std::atomic<bool> g_debug_checks{false};
+
+bool set_debug_checks_op(bool enabled) { return g_debug_checks.exchange(enabled); }
+
 }  // namespace mrlhf
 
 // Schemas. (a!)/(b!) mark the caches as mutated in place, which torch.compile/functionalization rely on.
@@ -547,6 +553,7 @@ TORCH_LIBRARY(mrlhf, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor starts, Tensor lengths, Tensor? cos, "
       "Tensor? sin, float scale, int num_splits) -> Tensor");
   m.def("cpu_isa(str? use=None) -> str", &mrlhf::cpu_isa_op);
+  m.def("set_debug_checks(bool enabled) -> bool", &mrlhf::set_debug_checks_op);
 }
 
 TORCH_LIBRARY_IMPL(mrlhf, CPU, m) {

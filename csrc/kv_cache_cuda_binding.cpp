@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 extern "C" {
 cudaError_t mrlhf_kv_append_cuda(int dtype, void* k_cache, void* v_cache, const void* k_new, const void* v_new,
@@ -28,6 +29,7 @@ cudaError_t mrlhf_decode_attention_cuda(int dtype, const void* q, const void* k_
 }
 
 namespace mrlhf {
+extern std::atomic<bool> g_debug_checks;  // kv_cache.cpp: set_debug_checks
 
 // Defined in kv_cache.cpp.
 void check_kv_append_args(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
@@ -64,9 +66,10 @@ void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const int64_t B = k_cache.size(0), L = k_cache.size(1), G = k_cache.size(2), D = k_cache.size(3);
   const int64_t T = k_new.size(1);
-  // Same error as the CPU kernel. This costs one device->host sync per call; the kernel also skips
-  // out-of-range slots, so memory stays safe even if this check is ever removed for CUDA-graph capture.
-  if (B > 0) {
+  // Same error as the CPU kernel, behind the debug switch (mrlhf::set_debug_checks): it costs one device->host
+  // sync per call, i.e. per layer per decode step. Without it the kernel skips out-of-range slots, so memory stays
+  // safe and the decode loop never waits for the host (nor breaks CUDA-graph capture).
+  if (B > 0 && g_debug_checks.load(std::memory_order_relaxed)) {
     const bool bad = ((positions < 0) | (positions + T > L)).any().item<bool>();
     TORCH_CHECK(!bad, "kv_append: some sequence writes past the cache: positions + T must lie in [0, ", L,
                 "] with T = ", T, ", got positions ", positions.cpu());

@@ -47,6 +47,14 @@ else:
     BACKEND = "mrlhf._C (cpu)"
 
 
+def set_debug_checks(enabled: bool) -> bool:
+    """Turn on checks that cost a host sync per call on CUDA (kv_append's bounds check; without it the CUDA kernel
+    skips out-of-range slots). Returns the previous setting. The CPU kernels always check (no sync to save)."""
+    if not hasattr(torch.ops.mrlhf, "set_debug_checks"):
+        return False  # no compiled extension: the torch reference always checks
+    return bool(torch.ops.mrlhf.set_debug_checks(enabled))
+
+
 def describe_backend() -> str:
     """One line for logs: which implementation runs the KV-cache ops, and why."""
     if not EXT_DEVICES:

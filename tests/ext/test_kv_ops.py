@@ -249,3 +249,16 @@ def test_cuda_sources_compile_with_nvcc():
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ok" in res.stdout
+
+
+def test_debug_checks_switch_round_trips():
+    from mrlhf.ops.kv_ops import set_debug_checks
+
+    assert set_debug_checks(True) is False  # off by default
+    assert set_debug_checks(False) is True
+    assert set_debug_checks(False) is False
+    # the CPU kernel checks bounds whatever the switch says
+    k = torch.zeros(1, 4, 1, 2)
+    new = torch.ones(1, 2, 1, 2)
+    with pytest.raises(RuntimeError, match="past the cache|cache holds"):
+        torch.ops.mrlhf.kv_append(k, k.clone(), new, new, torch.tensor([3]), None, None)

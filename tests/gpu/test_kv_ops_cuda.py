@@ -97,11 +97,26 @@ def test_cuda_empty_range_and_out_of_range_append():
     starts, lengths = torch.tensor([0, 5, 9], device="cuda"), torch.tensor([0, 5, 4], device="cuda")
     out = torch.ops.mrlhf.decode_attention(c["q"], c["k_cache"], c["v_cache"], starts, lengths, None, None, 0.25, 2)
     assert torch.equal(out, torch.zeros_like(out))
+    from mrlhf.ops.kv_ops import set_debug_checks
+
     k_cache = torch.zeros(2, 20, 2, 8, device="cuda")
     new = torch.ones(2, 3, 2, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="past the cache"):
-        torch.ops.mrlhf.kv_append(k_cache, k_cache.clone(), new, new, torch.tensor([0, 18], device="cuda"), None, None)
-    assert not k_cache.any()
+    positions = torch.tensor([0, 18], device="cuda")
+    previous = set_debug_checks(True)  # with the (host-syncing) bounds check: the CPU kernel's error
+    try:
+        with pytest.raises(RuntimeError, match="past the cache"):
+            torch.ops.mrlhf.kv_append(k_cache, k_cache.clone(), new, new, positions, None, None)
+        assert not k_cache.any()
+    finally:
+        set_debug_checks(previous)
+    # default (no sync): in-range slots are written, slot 20 of row 1 is skipped, nothing else is touched
+    v_cache = k_cache.clone()
+    torch.ops.mrlhf.kv_append(k_cache, v_cache, new, new, positions, None, None)
+    torch.cuda.synchronize()
+    want = torch.zeros_like(k_cache)
+    want[0, 0:3] = 1
+    want[1, 18:20] = 1
+    assert torch.equal(k_cache, want) and torch.equal(v_cache, want)
 
 
 @needs_cuda_kernels
