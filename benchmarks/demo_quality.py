@@ -66,11 +66,19 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--aggregate", nargs="+", help="summarise the --json files of earlier runs (e.g. one per seed, run "
+                    "side by side with OMP_NUM_THREADS=1) instead of running")  # fmt: skip
     args = ap.parse_args()
     rows = {}
-    for seed in args.seeds:
+    if args.aggregate:
+        for path in args.aggregate:
+            with open(path, encoding="utf-8") as f:
+                rows.update({int(k): v for k, v in json.load(f)["per_seed"].items()})
+    for seed in [] if args.aggregate else args.seeds:
         rows[seed] = one_seed(seed, args.out)
         print(f"seed {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in rows[seed].items()), flush=True)
+    for seed, row in sorted(rows.items()) if args.aggregate else []:
+        print(f"seed {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
     keys = list(next(iter(rows.values())))
     print(f"\n{len(rows)} seeds on {platform.processor() or platform.machine()}: mean (sample std, min, max)")
     summary = {}

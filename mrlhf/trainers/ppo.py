@@ -247,7 +247,7 @@ def actor_loss_fn(cfg: RunConfig, kl_coef: float, tokens: float, seqs: float, pt
         return aggregate(x, mask, p.loss_agg, tokens, seqs, const)
 
     def loss_fn(out, mb):
-        logprobs, entropy = out
+        logprobs, entropy = out if isinstance(out, tuple) else (out, None)  # entropy only with an entropy bonus
         if "ptx" in mb:
             m = mb["loss_mask"]
             nll = -(logprobs * m).sum()
@@ -332,7 +332,7 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
                         ptx_tokens, _ = _global_counts(torch.cat([m["loss_mask"] for m in extra_mbs]), ctx.device)
                     mbs += extra_mbs
                 actor.train()
-                actor.set_lm_output(cfg.generation.temperature, entropy=True)
+                actor.set_lm_output(cfg.generation.temperature, entropy=p.entropy_coef > 0)
                 loss_fn = actor_loss_fn(cfg, run.kl_ctl.value, tokens, seqs, ptx_tokens, poison)
                 _sum_stats(forward_backward(actor, mbs, loss_fn, cfg.model.hidden_size, _dtype(actor), ctx.device), sums)
                 st = optimizer_step(actor, run.optimizers["actor"], cfg, extra["actor_updates"], total_steps=actor_total)
