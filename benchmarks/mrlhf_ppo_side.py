@@ -9,9 +9,11 @@ calls a Python reward function.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +64,7 @@ def overrides(algo: str, prompts: str, out: str, iterations: int) -> list[str]:
         f"generation.max_new_tokens={NEW_TOKENS}", "generation.ignore_eos=true", "generation.temperature=1.0",
         f"generation.micro_batch_size={BATCH}",
         f"ppo.estimator={'grpo' if grpo else 'gae'}", f"ppo.n_samples={4 if grpo else 1}", "ppo.ppo_epochs=1",
+        "ppo.kl_coef=0.05", *(["ppo.kl_placement=loss", "ppo.kl_estimator=k3"] if grpo else []),
         "ppo.num_minibatches=1", "ppo.offload_frozen=false", "checkpoint.enabled=false",
         "logging.progress_bar=false", "logging.tensorboard=false",
     ]  # fmt: skip
@@ -76,7 +79,9 @@ def mrlhf_side(algo: str, iterations: int, warmup: int, threads: int = 2) -> dic
     from mrlhf.parallel.state import destroy_distributed, init_distributed
     from mrlhf.trainers.ppo import train_ppo
 
-    with tempfile.TemporaryDirectory() as tmp:
+    dist_env = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved_env = {k: os.environ.pop(k) for k in dist_env if k in os.environ}  # a fresh port for each run
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # logs off the JSON stdout
         prompts = _prompt_file(tmp)
         cfg = load_config(None, overrides(algo, prompts, os.path.join(tmp, "run"), warmup + iterations))
         ctx = init_distributed(cfg, "ppo")
@@ -84,12 +89,18 @@ def mrlhf_side(algo: str, iterations: int, warmup: int, threads: int = 2) -> dic
             records = train_ppo(cfg, ctx)["records"][warmup:]
         finally:
             destroy_distributed()
+            for k in dist_env:  # the TRL subprocess that runs next must not inherit this run's rendezvous
+                os.environ.pop(k, None)
+            os.environ.update(saved_env)
     times = [r["iteration_time_s"] for r in records]
     gen = sum(r["time_generate_s"] for r in records) / sum(times)
     return {
         "algo": algo,
         "seconds_per_iteration": statistics.fmean(times),
         "std": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "median": statistics.median(times),
+        "min": min(times),
+        "times": times,
         "generation_share": gen,
         "phases": {k: statistics.fmean(r[f"time_{k}_s"] for r in records) for k in ("generate", "experience", "train")},
         "iterations": len(times),
