@@ -39,8 +39,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
-        "megatron-core>=0.16,<0.17; python_version<'3.12'",
-        "megatron-core>=0.16; python_version>='3.12'",
+        # mrlhf/convert and the CPU compat patches use megatron-core's private APIs (dist_checkpointing strategies,
+        # parallel_state internals): allow only the minor series they were tested with (0.16.1, Python 3.10-3.12).
+        "megatron-core>=0.16,<0.17",
         "sentencepiece>=0.2",
         "numpy",
         "pybind11",
@@ -49,6 +50,9 @@ setup(
         "psutil",
         "tqdm",
         "tokenizers>=0.20",
+        "fastapi>=0.110",  # mrlhf serve: HTTP front end (OpenAI-compatible API)
+        "uvicorn>=0.29",
+        "prometheus-client>=0.20",
     ],
     entry_points={"console_scripts": ["mrlhf=mrlhf.cli:main"]},
     ext_modules=ext_modules,

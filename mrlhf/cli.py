@@ -1,12 +1,15 @@
 """``mrlhf <command> --config FILE [section.key=value ...]``: thin entry points over the trainers.
 
 Run single-process with ``mrlhf sft ...`` or under torchrun (``torchrun --nproc-per-node 4 -m mrlhf.cli sft ...``).
-User errors (config, data, checkpoints) print one line and exit with code 2; no traceback.
+User errors (config, data, checkpoints, checkpoint I/O) print one line and exit with code 2; no traceback. Under
+torchrun the layout is checked against WORLD_SIZE before any process group exists, and only rank 0 prints the line
+(every rank raises the same error: checkpoint code agrees on rank-local failures first); every rank exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -30,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output jsonl")
     gen.add_argument("--config", help="YAML run file (used when the checkpoint has no config)")
     gen.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generation.temperature=0 parallel.tp=2")
+    from mrlhf.serving.run import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server on a checkpoint, at its TP/PP layout"))
     plot = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     plot.add_argument("run_dir", help="a run's output_dir (holds metrics.jsonl)")
     plot.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
@@ -64,10 +70,15 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from mrlhf.config import load_config
 
-    if args.command == "generate" and args.checkpoint and not args.config:
+    if args.command in ("generate", "serve") and args.checkpoint and not args.config:
         cfg = _config_from_checkpoint(args.checkpoint, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)  # config errors surface before any distributed work
+    stage = {"ppo": "ppo", "generate": "generate", "serve": "generate"}.get(args.command, "")
+    cfg.validate_world(int(os.environ.get("WORLD_SIZE", "1")), stage)  # torchrun's layout, before any process group
+    from mrlhf import integrity
+
+    integrity.set_verify(cfg.checkpoint.verify_integrity)
     if args.command in ("sft", "rm", "dpo"):
         # data errors (file, line, field) surface before any process group exists; the trainer then maps the cache
         from mrlhf.trainers.common import STAGE_DATA, load_stage_data
@@ -77,6 +88,10 @@ def _run(args: argparse.Namespace) -> int:
         from mrlhf.trainers.ppo import load_ppo_data
 
         load_ppo_data(cfg)
+    if args.command == "serve":  # sets up (and tears down) its own process group; rank 0 runs the HTTP server
+        from mrlhf.serving.run import options_from_args, run_serve
+
+        return run_serve(cfg, options_from_args(args))
     from mrlhf.parallel.state import destroy_distributed, init_distributed
 
     ctx = init_distributed(cfg, args.command)
@@ -118,16 +133,38 @@ def _config_from_checkpoint(path: str, overrides: list[str]):
     return config_from_dict(apply_overrides(data, overrides))
 
 
+ERROR_GRACE_S = 3.0
+"""Under torchrun, how long a rank other than 0 waits for rank 0 to report the (same) error before reporting its own."""
+
+
+def _error(message: str, code: int) -> int:
+    """One ``mrlhf: error:`` line on stderr. Under torchrun rank 0 prints it; every other rank raised the same error
+    and waits, since the first rank to exit makes torchrun stop the rest: rank 0 must get to print. A rank stopped
+    that way still exits with ``code``; one whose error rank 0 did not share (still running after the grace time)
+    reports it itself, naming its rank."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank == 0 or world == 1:
+        print(f"mrlhf: error: {message}", file=sys.stderr, flush=True)
+        return code
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+    time.sleep(ERROR_GRACE_S)
+    print(f"mrlhf: error: (rank {rank}) {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
     except MrlhfError as e:
-        print(f"mrlhf: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _error(str(e), e.exit_code)
     except FileNotFoundError as e:
-        print(f"mrlhf: error: file not found: {e.filename}", file=sys.stderr)
-        return 2
+        return _error(f"file not found: {e.filename}", 2)
+    except OSError as e:  # the environment, not the code: a full or read-only disk for metrics, configs, outputs
+        return _error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""), 2)
 
 
 if __name__ == "__main__":

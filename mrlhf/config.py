@@ -56,8 +56,14 @@ class ModelConfig:
     """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    transformer_impl: str = "auto"
+    """Layer implementation: 'te' (Transformer Engine linears with fused norms; needs CUDA and TE), 'local'
+    (megatron's local layers) or 'auto' (te when it imports on a CUDA machine, else local). Core attention is
+    mrlhf's own in both (KV-cache decode hook, padding/packing masks)."""
 
     def __post_init__(self) -> None:
+        if self.transformer_impl not in ("auto", "local", "te"):
+            raise ConfigError(f"model.transformer_impl must be auto, local or te, got {self.transformer_impl!r}")
         if self.flavour not in ("gpt2", "llama"):
             raise ConfigError(f"model.flavour must be 'gpt2' or 'llama', got {self.flavour!r}")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "make_vocab_size_divisible_by"):
@@ -68,6 +74,10 @@ class ModelConfig:
                 f"model.hidden_size ({self.hidden_size}) must be divisible by "
                 f"model.num_attention_heads ({self.num_attention_heads})"
             )
+        _check_range("model", self, {"init_std": (0, 1), "norm_epsilon": (0, 1)}, low_open=True)
+        _check_range("model", self, {"hidden_dropout": (0, 1), "attention_dropout": (0, 1)}, high_open=True)
+        if self.rotary_base <= 0 or self.max_position_embeddings <= 0:
+            raise ConfigError("model.rotary_base and model.max_position_embeddings must be positive")
         groups = self.query_groups
         if self.num_attention_heads % groups:
             raise ConfigError(
@@ -128,8 +138,10 @@ class ParallelConfig:
             raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got tp={self.tp} pp={self.pp}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"parallel.backend must be auto, nccl or gloo, got {self.backend!r}")
-        if self.grad_bucket_mb <= 0:
+        if not self.grad_bucket_mb > 0:
             raise ConfigError("parallel.grad_bucket_mb must be positive")
+        if self.timeout_minutes < 1:
+            raise ConfigError(f"parallel.timeout_minutes must be >= 1, got {self.timeout_minutes}")
 
 
 @dataclass
@@ -152,12 +164,12 @@ class OptimizerConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"optimizer: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError("optimizer.beta1 and optimizer.beta2 must be in [0, 1)")
-        if self.clip_grad < 0:
-            raise ConfigError("optimizer.clip_grad must be >= 0")
+        _check_range("optimizer", self, {"lr": (0, 1)}, low_open=True)  # AdamW steps move weights by ~lr
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optimizer: need 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
+        _check_range("optimizer", self, {"beta1": (0, 1), "beta2": (0, 1)}, high_open=True)
+        _check_range("optimizer", self, {"eps": (0, 1)}, low_open=True)
+        _check_range("optimizer", self, {"weight_decay": (0, 10), "clip_grad": (0, 1e6)})
 
 
 @dataclass
@@ -246,6 +258,9 @@ class TrainingConfig:
     """Seed of weights, data order and dropout."""
     precision: str = "fp32"
     """'fp32' or 'bf16' (bf16 weights and activations, fp32 master weights in the optimizer)."""
+    grad_reduce_in_fp32: bool = True
+    """bf16: accumulate gradients over microbatches, all-reduce them over DP and take their norm in fp32 (megatron's
+    grad_reduce_in_fp32); false keeps bf16 gradients (half the gradient memory and DP traffic)."""
     eval_interval: int = 0
     """Run eval every this many steps (and at the end); 0 disables."""
     eval_samples: int = 64
@@ -263,6 +278,8 @@ class TrainingConfig:
                 raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}")
         if self.max_consecutive_skips < 1:
             raise ConfigError(f"training.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+        if self.eval_interval < 0 or self.eval_samples < 1:
+            raise ConfigError("training.eval_interval must be >= 0 and training.eval_samples >= 1")
 
 
 @dataclass
@@ -293,20 +310,6 @@ class GenerationSection:
             raise ConfigError("generation.max_new_tokens and generation.micro_batch_size must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ConfigError("generation: need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
-
-    def to_engine(self, eos_id: int):
-        """The engine's GenerationConfig."""
-        from mrlhf.generation.generate import GenerationConfig
-        from mrlhf.generation.sampling import SamplingParams
-
-        return GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            sampling=SamplingParams(self.temperature, self.top_k, self.top_p, self.seed),
-            stop_token_ids=(eos_id,),
-            stop_strings=tuple(self.stop_strings),
-            micro_batch_size=self.micro_batch_size,
-            num_slots=self.num_slots,
-        )
 
 
 @dataclass
@@ -513,6 +516,15 @@ class CheckpointConfig:
     and DPO (a reward/critic head is then new), the RM checkpoint for a critic."""
     save_optimizer: bool = True
     """Store optimizer state (needed for exact resume)."""
+    verify_integrity: bool = True
+    """Check every checkpoint file read against the sha256 its save recorded (sizes are checked either way)."""
+    allow_config_change: bool = False
+    """Resume even when settings that change the run's math (schedule length, batch sizes, seed, model, optimizer,
+    losses, data) differ from the checkpoint's; the changes are logged. Off: such a resume is refused."""
+
+    def __post_init__(self) -> None:
+        if self.save_interval < 0 or self.keep_last < 0:
+            raise ConfigError("checkpoint.save_interval and checkpoint.keep_last must be >= 0")
 
 
 @dataclass
@@ -527,6 +539,10 @@ class LoggingConfig:
     """Show a progress bar on rank 0 (off automatically when stderr is not a terminal)."""
     tensorboard: bool = True
     """Also write the metrics as TensorBoard scalars under <output_dir>/tensorboard when tensorboard is installed."""
+
+    def __post_init__(self) -> None:
+        if self.log_interval < 1:
+            raise ConfigError(f"logging.log_interval must be >= 1, got {self.log_interval}")
 
 
 @dataclass
@@ -641,6 +657,8 @@ class RunConfig:
         import torch.nn.functional as F
         from megatron.core.transformer.transformer_config import TransformerConfig
 
+        from mrlhf.activations import gelu_tanh
+
         m, p = self.model, self.parallel
         dtype = torch.bfloat16 if self.training.precision == "bf16" else torch.float32
         llama = m.flavour == "llama"
@@ -681,11 +699,17 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def gelu_tanh(x):
-    """GPT-2's GELU (tanh approximation), as in HF ``gelu_new``."""
-    import torch.nn.functional as F
-
-    return F.gelu(x, approximate="tanh")
+def _check_range(
+    section: str, obj: Any, bounds: dict[str, tuple[float, float]], low_open: bool = False, high_open: bool = False
+) -> None:
+    """Each named field is a finite number within its (low, high) bounds, open at the ends said; NaN fails every
+    comparison, so without this a ``.nan`` would pass checks written as ``if x <= 0: raise``."""
+    for name, (low, high) in bounds.items():
+        v = getattr(obj, name)
+        ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ConfigError(f"{section}.{name} must be a finite number in {interval}, got {v}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -747,6 +771,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if not ok:
         name = getattr(base, "__name__", str(base))
         raise ConfigError(f"{source}: '{key}' must be {name}, got {type(value).__name__} {value!r}")
+    if base is float and not math.isfinite(float(value)):  # YAML's .nan / .inf reach here as floats
+        raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
     return float(value) if base is float else value
 
 

@@ -1,7 +1,8 @@
 """Fault injection for crash tests: ``MRLHF_FAULT=<point>`` makes the process die abruptly at that point.
 
-Points: ``save_after_model`` (model shards written, checkpoint not committed), ``save_before_latest`` (committed,
-tracker not yet updated), ``after_step:<k>`` (right after optimizer step k and its checkpoint, if any).
+Points: ``save_after_model`` (model shards written, checkpoint not committed), ``save_rank_state`` (per-rank state
+written, not yet hashed), ``save_before_latest`` (committed, tracker not yet updated), ``after_step:<k>`` (right
+after optimizer step k and its checkpoint, if any).
 ``os._exit`` skips every cleanup handler, like a SIGKILL would.
 """
 
@@ -28,6 +29,16 @@ def fault_ids(variable: str, first_id: int, count: int) -> list[int]:
         return []
     wanted = {int(x) for x in listed.split(",") if x.strip()}
     return [i for i in range(count) if first_id + i in wanted]
+
+
+def poison_gradients(model, rank: int, step: int) -> None:
+    """``MRLHF_FAULT_NAN_LOSS=<rank>:<step>`` in SFT/RM/DPO: that rank's gradients turn NaN at that step (0-based),
+    as a diverging loss would make them; the step is then skipped on every rank."""
+    if nan_loss_requested(rank, step):
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.fill_(float("nan"))
+                return
 
 
 def nan_loss_requested(rank: int, iteration: int) -> bool:

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except MrlhfError as e:
         print(f"convert_hf_to_mrlhf: error: {e}", file=sys.stderr)
         return e.exit_code
+    for note in s["notes"]:
+        print(f"convert_hf_to_mrlhf: note: {note}", file=sys.stderr)
     tok = f"{len(s['tokenizer_files'])} tokenizer file(s), hash {s['tokenizer_hash'][:12] or '-'}"
     print(
         f"wrote {s['out']}: {s['architecture']} as '{s['role']}' at tp={s['tp']} pp={s['pp']} ({s['precision']}), {tok}"

@@ -63,6 +63,8 @@ class HFSpec:
     """Where the spec came from, for error messages."""
     raw: dict[str, Any] = field(default_factory=dict)
     """The config.json it was read from ({} when built from an mrlhf config)."""
+    notes: tuple[str, ...] = ()
+    """What reading the config changed that the user should know (e.g. a capped length), one line each."""
 
     @property
     def flavour(self) -> str:
@@ -142,12 +144,26 @@ def read_hf_config(hf_dir: str) -> HFSpec:
             refuse("use_sliding_window", True, "mrlhf attention is always full (causal)")
         if any(t != "full_attention" for t in raw.get("layer_types") or []):
             refuse("layer_types", raw["layer_types"], "mrlhf attention is always full (causal)")
+    max_positions, notes = get("max_position_embeddings"), ()
+    window = raw.get("sliding_window") if model_type == "mistral" else None
+    if window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            refuse("sliding_window", window, "expected a positive whole number of tokens or null")
+        if window < max_positions:
+            # mrlhf attention is full (causal): equal to Mistral's up to `window` tokens, different beyond (a window
+            # of 12 at length 24 moved HF's logits by up to 7.1). Cap the usable length instead of diverging silently.
+            notes = (
+                f"{path}: field 'sliding_window' = {window} is below max_position_embeddings = {max_positions}; mrlhf "
+                f"attention is full, identical to Mistral's only within the window, so the checkpoint's "
+                f"model.max_position_embeddings is capped at {window} (longer sequences are refused, not approximated)",
+            )
+            max_positions = window
     return HFSpec(
         model_type=model_type, head=head, num_layers=get("num_hidden_layers"), hidden=hidden, heads=heads,
         groups=raw.get("num_key_value_heads") or heads, ffn=get("intermediate_size"), vocab=get("vocab_size"),
-        max_positions=get("max_position_embeddings"), eps=raw.get("rms_norm_eps", 1e-6),
+        max_positions=max_positions, eps=raw.get("rms_norm_eps", 1e-6),
         rope_base=_rope_base(raw, path), tied=raw.get("tie_word_embeddings", False), qkv_bias=model_type == "qwen2",
-        prefix="model.", source=path, raw=raw,
+        prefix="model.", source=path, raw=raw, notes=notes,
     )  # fmt: skip
 
 

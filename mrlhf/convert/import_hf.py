@@ -118,7 +118,8 @@ def convert_hf_to_mrlhf(
             },
         )
     return {"out": out, "role": role, "tp": tp, "pp": pp, "precision": precision, "tokenizer_files": files,
-            "tokenizer_hash": tok_hash, "architecture": spec.raw["architectures"][0]}  # fmt: skip
+            "tokenizer_hash": tok_hash, "architecture": spec.raw["architectures"][0],
+            "notes": list(spec.notes)}  # fmt: skip
 
 
 def _convert_rank(

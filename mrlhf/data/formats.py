@@ -92,10 +92,31 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(path, line_no, None, f"invalid JSON: {e.msg} at column {e.colno}") from e
+            raise DataError(path, line_no, None, _jsonl_error(text, e)) from None
         if not isinstance(obj, dict):
             raise DataError(path, line_no, None, f"expected a JSON object, got {_type_name(obj)}")
         yield line_no, obj
+
+
+def _jsonl_error(text: str, e: json.JSONDecodeError) -> str:
+    """The message of a bad .jsonl line, at the column of the line where decoding failed. json counts the line's
+    own newline, so an object cut short at the end of a line would otherwise be reported at 'column 1'."""
+    line = text.rstrip("\r\n")
+    if e.pos >= len(line.rstrip()):
+        spread = line.lstrip().startswith("{")
+        hint = "; a JSON object spread over several lines? .jsonl needs one object per line" if spread else ""
+        return f"invalid JSON: unexpected end of line at column {len(line) + 1} ({e.msg}){hint}"
+    return f"invalid JSON: {e.msg} at column {e.colno}"
+
+
+def _json_position(text: str, e: json.JSONDecodeError) -> tuple[int, int, str]:
+    """(line, column, message) of a .json decoding error; a file that ends early is reported at its last character
+    rather than on the empty line after it."""
+    end = len(text.rstrip())
+    if e.pos < end:
+        return e.lineno, e.colno, e.msg
+    line = text.count("\n", 0, end) + 1
+    return line, end - (text.rfind("\n", 0, end) + 1) + 1, f"unexpected end of file ({e.msg}); is the file truncated?"
 
 
 def _iter_json(path: str) -> Iterator[tuple[int, dict]]:
@@ -106,9 +127,8 @@ def _iter_json(path: str) -> Iterator[tuple[int, dict]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         hint = "; one object per line belongs in a .jsonl file" if e.msg == "Extra data" else ""
-        raise DataError(
-            path, e.lineno, None, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}"
-        ) from e
+        line, column, msg = _json_position(text, e)
+        raise DataError(path, line, None, f"invalid JSON at line {line}, column {column}: {msg}{hint}") from None
     if not isinstance(data, list):
         raise DataError(path, None, None, f"expected a top-level JSON array of objects, got {_type_name(data)}")
     for index, obj in enumerate(data, start=1):

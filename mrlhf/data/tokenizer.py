@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -291,40 +292,80 @@ def train_sentencepiece(
     model_type: str = "bpe",
     user_defined_symbols: list[str] | None = None,
 ) -> str:
-    """Train a SentencePiece model deterministically and return the path of the written `.model` file."""
-    # Sentences are fed from Python and the model comes back as bytes, so no file path ends up in the model's
-    # trainer spec: the same inputs give a byte-identical .model (and tokenizer hash) wherever they live.
+    """Train a SentencePiece model deterministically and return the path of the written `.model` file. A vocabulary
+    size the corpus cannot give is an MrlhfError that says which sizes work."""
     model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.Train(
-            sentence_iterator=_read_lines(input_files),
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            pad_id=0,
-            unk_id=1,
-            bos_id=2,
-            eos_id=3,
-            user_defined_symbols=user_defined_symbols or [],
-            byte_fallback=True,
-            character_coverage=1.0,
-            # Lossless text <-> ids: no normalization, no whitespace rewriting, no implicit leading space, so
-            # encode(prompt) + encode(response) decodes back to prompt + response exactly.
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            split_digits=True,
-            # Determinism: one thread, every input sentence, no shuffling or subsampling.
-            num_threads=1,
-            input_sentence_size=0,
-            shuffle_input_sentence=False,
-            minloglevel=2,
-        )
-    except RuntimeError as e:  # e.g. "Vocabulary size too high": the corpus cannot support vocab_size
-        raise MrlhfError(f"sentencepiece training on {', '.join(input_files)} failed: {e}") from e
+        _train(input_files, model, vocab_size, model_type, user_defined_symbols)
+    except RuntimeError as e:
+        raise MrlhfError(_vocab_size_hint(input_files, vocab_size, model_type, user_defined_symbols, str(e))) from e
     model_path = f"{model_prefix}.model"
     Path(model_path).write_bytes(model.getvalue())
     return model_path
+
+
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)")
+_TOO_LARGE = re.compile(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)")
+
+
+def _vocab_size_hint(files: list[str], vocab_size: int, model_type: str, symbols: list[str] | None, err: str) -> str:
+    """One line for a failed training: the workable range of --vocab-size when the failure was the size.
+
+    The floor is every byte-fallback piece (256), the 4 special ids, the user symbols and one piece per distinct
+    character; the ceiling is how many pieces the corpus allows (known only after training on it)."""
+    where = ", ".join(files)
+    floor = _TOO_SMALL.search(err)
+    floor = int(floor.group(1)) if floor else _vocab_floor(files, model_type, symbols)
+    ceiling = _TOO_LARGE.search(err)
+    if ceiling:
+        supported = f"{floor} to {ceiling.group(1)}" if floor else f"at most {ceiling.group(1)}"
+        return f"--vocab-size {vocab_size} is too large for {where}: it supports {supported} (more text allows more)"
+    if floor and vocab_size < floor:
+        return (
+            f"--vocab-size {vocab_size} is too small for {where}: needs at least {floor} (256 byte-fallback "
+            f"pieces + 4 special ids + user symbols + one per distinct character)"
+        )
+    return f"sentencepiece training on {where} failed: {err}"
+
+
+def _vocab_floor(files: list[str], model_type: str, symbols: list[str] | None) -> int | None:
+    """The smallest vocabulary the corpus allows, from sentencepiece itself: with room for exactly the byte and special
+    pieces it stops at counting the characters, before any merge is made (cheap)."""
+    try:
+        _train(files, io.BytesIO(), 256 + 4 + len(symbols or []), model_type, symbols)
+    except RuntimeError as e:
+        found = _TOO_SMALL.search(str(e))
+        return int(found.group(1)) if found else None
+    return None
+
+
+def _train(files: list[str], writer: io.BytesIO, vocab_size: int, model_type: str, symbols: list[str] | None) -> None:
+    # Sentences are fed from Python and the model comes back as bytes, so no file path ends up in the model's
+    # trainer spec: the same inputs give a byte-identical .model (and tokenizer hash) wherever they live.
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=_read_lines(files),
+        model_writer=writer,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        user_defined_symbols=symbols or [],
+        byte_fallback=True,
+        character_coverage=1.0,
+        # Lossless text <-> ids: no normalization, no whitespace rewriting, no implicit leading space, so
+        # encode(prompt) + encode(response) decodes back to prompt + response exactly.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        # Determinism: one thread, every input sentence, no shuffling or subsampling.
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
 
 
 def _read_lines(input_files: list[str]) -> Iterator[str]:

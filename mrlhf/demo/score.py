@@ -14,13 +14,19 @@ from mrlhf.errors import DataError
 
 
 def score_file(path: str) -> dict[str, float]:
+    """Judge every record's ``response`` against its raw ``prompt`` (or, for a ``messages`` prompt, its last user
+    turn): `mrlhf generate` keeps the input record's fields next to what it generated."""
     prompts, responses = [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             record = json.loads(line)
-            if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
-                raise DataError(path, n, "prompt" if "prompt" not in record else "response", "missing or not a string")
-            prompts.append(record["prompt"])
+            prompt = record.get("prompt")
+            if prompt is None and isinstance(record.get("messages"), list):
+                users = [m for m in record["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+                prompt = users[-1].get("content") if users else None
+            if not isinstance(prompt, str) or not isinstance(record.get("response"), str):
+                raise DataError(path, n, "response" if isinstance(prompt, str) else "prompt", "missing or not a string")
+            prompts.append(prompt)
             responses.append(record["response"])
     return judge_batch(prompts, responses)
 

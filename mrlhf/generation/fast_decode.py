@@ -22,7 +22,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP
 
-from mrlhf.config import gelu_tanh
+from mrlhf.activations import gelu_tanh
 from mrlhf.ops.kv_cache import DecodeState, cached_attention
 from mrlhf.ops.kv_ops import decode_linear
 from mrlhf.parallel import comm

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import parallel_state as ps
 
+from mrlhf.config import GenerationSection
 from mrlhf.data.collate import collate_prompts
+from mrlhf.errors import ConfigError
 from mrlhf.generation.fast_decode import decode_layers, decode_plan, embed, supports
 from mrlhf.generation.sampling import SamplingParams, sample_tokens
 from mrlhf.models.backbone import backbone_forward
@@ -44,6 +46,18 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
     micro_batch_size: int = 8
     num_slots: int | None = None  # None: pp (the minimum that keeps every stage busy)
+
+    @classmethod
+    def from_section(cls, section: GenerationSection, eos_id: int) -> GenerationConfig:
+        """The engine's settings from a run's ``generation`` config section; ``eos_id`` ends a sequence."""
+        return cls(
+            max_new_tokens=section.max_new_tokens,
+            sampling=SamplingParams(section.temperature, section.top_k, section.top_p, section.seed),
+            stop_token_ids=(eos_id,),
+            stop_strings=tuple(section.stop_strings),
+            micro_batch_size=section.micro_batch_size,
+            num_slots=section.num_slots,
+        )
 
 
 @dataclass
@@ -260,6 +274,14 @@ class Generator:
         different shares of one global batch pass their share's offset, so each sample is the one a single rank
         generating the whole batch would draw."""
         g = self.gen
+        longest, limit = max(map(len, prompts), default=0), self.gpt.max_sequence_length
+        if longest + g.max_new_tokens > limit:
+            # past it learned positions do not exist and RoPE models run where they were never trained (a Mistral
+            # checkpoint's limit is its sliding window, beyond which full attention differs): refuse, do not guess
+            raise ConfigError(
+                f"a prompt of {longest} tokens + generation.max_new_tokens ({g.max_new_tokens}) exceeds "
+                f"model.max_position_embeddings ({limit}): shorten the prompts (data.max_prompt_len) or max_new_tokens"
+            )
         self._seq_offset = seq_id_offset
         mb_size = g.micro_batch_size
         mbs = []

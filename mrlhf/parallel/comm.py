@@ -107,6 +107,14 @@ def broadcast_from_dp_rank(t: torch.Tensor, dp_rank: int) -> torch.Tensor:
     return t
 
 
+def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Every rank of the job receives global rank 0's tensor (the serving engine's per-tick command)."""
+    _on_run_device(t, "broadcast_from_rank0")
+    if world_size() > 1:
+        dist.broadcast(t, src=0)
+    return t
+
+
 def all_gather_tp(t: torch.Tensor) -> list[torch.Tensor]:
     """Every TP rank's copy of ``t`` (same shape everywhere), in TP-rank order."""
     _on_run_device(t, "all_gather_tp")
@@ -201,3 +209,12 @@ def send_backward_recv_forward(g: torch.Tensor, spec: tuple[torch.Size, torch.dt
     t, _ = _p2p(send_prev=g, recv_prev=spec)
     assert t is not None
     return t.requires_grad_()
+
+
+def send_forward_recv_forward(
+    t: torch.Tensor | None, spec: tuple[torch.Size, torch.dtype, torch.device] | None
+) -> torch.Tensor | None:
+    """Send this stage's activation on and receive the previous stage's in one batch, either side optional (the
+    serving engine's lockstep ring, where every stage forwards one work item per tick)."""
+    t, _ = _p2p(send_next=None if t is None else t.detach(), recv_prev=spec)
+    return t

@@ -70,6 +70,8 @@ def init_distributed(cfg: RunConfig, stage: str = "") -> ParallelContext:
         from mrlhf.errors import ConfigError
 
         raise ConfigError("parallel.backend=nccl needs CUDA; use gloo or auto on this machine")
+    if not dist.is_initialized() and "WORLD_SIZE" in os.environ:  # a layout error before any process group exists
+        cfg.validate_world(int(os.environ["WORLD_SIZE"]), stage)
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

@@ -202,7 +202,8 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
         saved.update({r: roles[r] for r in FROZEN})
     state = TrainState(extra={"actor_updates": 0, "critic_updates": 0, "skipped_steps": 0})
     if path is not None:
-        meta = ckpt.load_checkpoint(path, saved, optimizers, tokenizer.hash)
+        meta = ckpt.load_checkpoint(path, saved, optimizers, tokenizer.hash, cfg.to_dict(),
+                                    cfg.checkpoint.allow_config_change)  # fmt: skip
         ts = meta["train_state"]
         state = TrainState(step=ts["step"], consumed_samples=ts["consumed_samples"], extra=ts.get("extra", {}))
         kl_ctl.load_state_dict(state.extra["kl_controller"])

@@ -19,7 +19,7 @@ def generate_rank(rank: int, layout: dict[str, int], flavour: str, sampling: dic
     from mrlhf.parallel.state import init_distributed
 
     flags = [f"model.flavour={flavour}"] + (["model.num_query_groups=null"] if flavour == "gpt2" else [])
-    cfg = make_cfg(layout, flags)
+    cfg = make_cfg(layout, flags + extra.get("overrides", []))
     init_distributed(cfg)
     model = build_role(cfg, "actor", 384, seed=3)
     gen = GenerationConfig(
@@ -46,6 +46,13 @@ def generate_rank(rank: int, layout: dict[str, int], flavour: str, sampling: dic
     if extra.get("train_logprobs"):
         result["train_logprobs"] = training_logprobs(model, cfg, ps_, out.tokens, gen.sampling.temperature or 1.0)
     return result
+
+
+def cli_rank(rank: int, argv: list[str]) -> int:
+    """`mrlhf ARGV` on this rank, the real command line."""
+    from mrlhf.cli import main
+
+    return main(argv)
 
 
 def letters(ids: list[int]) -> str:

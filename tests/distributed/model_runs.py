@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 from sft_runs import TINY
@@ -54,8 +56,43 @@ def full_logits_on_last_stage(model, batch, cfg) -> torch.Tensor | None:
         return torch.cat(parts, dim=-1).transpose(0, 1)[..., : model.backbone.real_vocab_size]
 
 
+def _canonical_name(model, local: str, cfg) -> str:
+    name = model.global_name(local)
+    if name == "output_layer.weight" and cfg.model.tied:
+        return "embedding.word_embeddings.weight"  # the tied copy on the last stage moves with the embedding
+    return name
+
+
+@torch.no_grad()
+def perturb(model, cfg, seed: int = 3, scale: float = 0.05) -> None:
+    """Add layout-invariant noise to *every* parameter (a pure function of seed and global name, sliced to this rank's
+    shard), so norm weights are no longer 1 and biases no longer 0: a loader that skips them changes the logits."""
+    from megatron.core import parallel_state as ps
+
+    from mrlhf.models.backbone import _full_shape, _local_shard
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for local, param in model.named_parameters():
+        name = _canonical_name(model, local, cfg)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.randn(_full_shape(param, tp), generator=gen) * scale
+        param.add_(_local_shard(full, param, name, cfg.model.flavour == "llama", tp, tp_rank).to(param.dtype))
+
+
+@torch.no_grad()
+def reset_norms_and_biases(model, cfg) -> int:
+    """Put norm weights/biases and linear biases back to their init values (1 and 0); returns how many tensors."""
+    n = 0
+    for local, param in model.named_parameters():
+        name = _canonical_name(model, local, cfg)
+        if "norm" in name or name.endswith(".bias"):
+            param.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            n += 1
+    return n
+
+
 def save_trained_then_logits(rank: int, out: str, layout: dict[str, int], flavour: str) -> dict:
-    """Build at `layout`, perturb weights deterministically (so it is not just the init), save, return logits."""
+    """Build at `layout`, perturb every weight deterministically (so it is not just the init), save, return logits."""
     from mrlhf import checkpoint as ckpt
     from mrlhf.models.roles import build_role
     from mrlhf.parallel.state import init_distributed
@@ -64,6 +101,7 @@ def save_trained_then_logits(rank: int, out: str, layout: dict[str, int], flavou
     cfg = make_cfg(layout, extra)
     init_distributed(cfg)
     model = build_role(cfg, "actor", 384, seed=11)
+    perturb(model, cfg)
     ckpt.save_checkpoint(out, 1, {"actor": model}, {}, {"step": 1, "consumed_samples": 0}, cfg.to_dict(), "h")
     return {"logits": full_logits_on_last_stage(model, fixed_batch(384), cfg)}
 
@@ -79,7 +117,10 @@ def load_then_logits(rank: int, out: str, layout: dict[str, int], flavour: str) 
     model = build_role(cfg, "actor", 384, seed=999)  # different init: everything must come from the checkpoint
     before = full_logits_on_last_stage(model, fixed_batch(384), cfg)
     ckpt.load_model(ckpt.latest_checkpoint(out), "actor", model)
-    return {"logits": full_logits_on_last_stage(model, fixed_batch(384), cfg), "before": before}
+    logits = full_logits_on_last_stage(model, fixed_batch(384), cfg)
+    # what a loader that dropped norms and biases would give: must differ, or the logits check could not see it
+    reset_norms_and_biases(model, cfg)
+    return {"logits": logits, "before": before, "norms_reset": full_logits_on_last_stage(model, fixed_batch(384), cfg)}
 
 
 def heads_rank(rank: int, layout: dict[str, int], flavour: str) -> dict:

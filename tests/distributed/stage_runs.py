@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
-from sft_runs import ROOT, TINY
+from sft_runs import ROOT, TINY, rank_params
 
 DEMO = os.path.join(ROOT, "mrlhf", "assets", "demo")
 
@@ -49,10 +49,7 @@ def sft_checkpoint_rank(rank: int, out: str, flavour: str) -> None:
 
 def stage_rank(rank: int, stage: str, out: str, layout: dict[str, int], extra: list[str]) -> dict:
     """Run `stage` (rm | dpo); return losses, final metrics, reward stats and this rank's parameters."""
-    from megatron.core import parallel_state as ps
-
     from mrlhf.config import load_config
-    from mrlhf.models.backbone import global_param_name
     from mrlhf.parallel.state import init_distributed
 
     cfg = load_config(TINY, stage_overrides(out, layout, extra))
@@ -62,14 +59,8 @@ def stage_rank(rank: int, stage: str, out: str, layout: dict[str, int], extra: l
     else:
         from mrlhf.trainers.dpo import train_dpo as train
     result = train(cfg, ctx)
-    model = result["model"]
-    params = {
-        global_param_name(model.backbone, n.removeprefix("backbone.")): p.detach().clone()
-        for n, p in model.named_parameters()
-    }
-    coord = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
-    return {"losses": result["losses"], "final": result["final"], "params": params, "coord": coord,
-            "reward_stats": result.get("reward_stats")}  # fmt: skip
+    return {"losses": result["losses"], "final": result["final"], "reward_stats": result.get("reward_stats"),
+            **rank_params(result["model"])}  # fmt: skip
 
 
 def scores_rank(rank: int, ckpt_dir: str, role: str, layout: dict[str, int], flavour: str) -> dict:

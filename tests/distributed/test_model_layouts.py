@@ -18,6 +18,7 @@ def test_checkpoint_saved_tp2pp2_loads_at_tp1(flavour, tmp_path):
     (loaded,) = run_ranks(load_then_logits, 1, str(tmp_path), {}, flavour)
     ref = saved[0]["logits"]
     assert (loaded["before"] - ref).abs().max() > 1e-2  # the fresh model really was different
+    assert (loaded["norms_reset"] - ref).abs().max() > 1e-2  # saved norms/biases are not their init values
     assert (loaded["logits"] - ref).abs().max() <= TOL
     # and back up: TP1PP1 checkpoint loads at TP2xPP2
     tp1 = str(tmp_path / "tp1")

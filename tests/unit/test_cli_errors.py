@@ -83,3 +83,13 @@ def test_bad_record_names_file_line_and_field(tmp_path: Path) -> None:
     data.write_text('{"prompt": "Hi?", "response": "ok."}\n{"prompt": "  ", "response": "x"}\n', encoding="utf-8")
     line = one_error_line(run_sft("--config", TINY_YAML, f"data.train_path={data}", f"training.output_dir={tmp_path}"))
     assert f"{data}:2" in line and "field 'prompt'" in line
+
+
+def test_tokenizer_train_vocab_size_out_of_range(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("1 + 1 = 2.\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "mrlhf.cli", "tokenizer", "train", "--input", str(corpus), "--out", str(tmp_path / "t")]
+    proc = subprocess.run([*cmd, "--vocab-size", "5000"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    line = one_error_line(proc)
+    assert "--vocab-size 5000 is too large" in line and "supports 266 to" in line, line
+    assert not (tmp_path / "t.model").exists()

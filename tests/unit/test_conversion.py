@@ -197,6 +197,44 @@ BAD = {
 }
 
 
+def _mistral_dir(tmp_path: Path, **changes) -> str:
+    """A Mistral config.json alone (reading the config needs no weights)."""
+    config = {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
+    }  # fmt: skip
+    hf = tmp_path / "hf"
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_text(json.dumps(config | changes))
+    return str(hf)
+
+
+def test_mistral_sliding_window_caps_the_usable_length(tmp_path):
+    """mrlhf attention is full: equal to Mistral's within the window, not beyond, so the length is capped there."""
+    from mrlhf.config import config_from_dict
+    from mrlhf.convert.hf_config import run_config_for
+    from mrlhf.errors import ConfigError
+
+    spec = read_hf_config(_mistral_dir(tmp_path, sliding_window=12))
+    assert spec.max_positions == 12
+    (note,) = spec.notes
+    assert "config.json" in note and "'sliding_window' = 12" in note and "capped at 12" in note
+    cfg = run_config_for(spec, 1, 1, "fp32")
+    assert cfg.model.max_position_embeddings == 12 and cfg.data.max_seq_len <= 12
+    data = cfg.to_dict()
+    data["data"]["max_seq_len"] = 24
+    with pytest.raises(ConfigError, match=r"data.max_seq_len \(24\) exceeds model.max_position_embeddings \(12\)"):
+        config_from_dict(data)
+    # a window that covers every position (Mistral v0.1: 4096 of 32768 is capped; here 64 of 64 is not) or none
+    for window in (64, 4096, None):
+        spec = read_hf_config(_mistral_dir(tmp_path, sliding_window=window))
+        assert spec.max_positions == 64 and spec.notes == ()
+    for bad in (0, "12", 1.5):
+        with pytest.raises(ConversionError, match="'sliding_window'"):
+            read_hf_config(_mistral_dir(tmp_path, sliding_window=bad))
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_refused_cleanly(case, tmp_path):
     mutate, kwargs, words = BAD[case]

@@ -278,3 +278,21 @@ def test_script_regenerates_identical_bytes(tmp_path: Path) -> None:
     )
     for path in sorted(ASSETS_DIR.iterdir()):
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_score_file_reads_generate_records(tmp_path: Path) -> None:
+    """`mrlhf generate` keeps the input record: a raw `prompt`, or `messages` (judged on the last user turn)."""
+    from mrlhf.demo.score import score_file
+    from mrlhf.errors import DataError
+
+    q = "What is 47 + 38? Answer with just the number."
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
+    path = tmp_path / "gen.jsonl"
+    path.write_text(
+        json.dumps({"prompt": q, "index": 0, "response": "85"}) + "\n"
+        + json.dumps({"messages": msgs, "index": 1, "response": "47 + 38 = 85."}) + "\n"
+    )  # fmt: skip
+    assert score_file(str(path)) == {"mean": 0.75, "accuracy": 0.5, "n": 2}  # the equation is half credit here
+    path.write_text(json.dumps({"index": 0, "response": "85"}) + "\n")
+    with pytest.raises(DataError, match="gen.jsonl:1: field 'prompt'"):
+        score_file(str(path))

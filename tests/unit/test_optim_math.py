@@ -89,10 +89,14 @@ def test_min_lr_zero() -> None:
     assert lr_at(10, 10, opt, sched("cosine")) == pytest.approx(0.0, abs=1e-15)
 
 
-def test_total_steps_equal_to_warmup_does_not_divide_by_zero() -> None:
-    s = sched("cosine", warmup=5)
-    assert lr_at(4, 5, OPT, s) == pytest.approx(1.0)
-    assert math.isfinite(lr_at(5, 5, OPT, s))
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_total_steps_equal_to_warmup_does_not_divide_by_zero(decay: str) -> None:
+    s = sched(decay, warmup=5)
+    assert lr_at(4, 5, OPT, s) == pytest.approx(1.0)  # last warmup step: (4 + 1) / 5 of the peak
+    # no decay phase: progress = (5 - 5) / max(1, 5 - 5) = 0 -> the peak; one step later (6 - 5) / 1 = 1 -> min_lr
+    assert lr_at(5, 5, OPT, s) == pytest.approx(1.0)
+    assert lr_at(6, 5, OPT, s) == pytest.approx(0.1)
+    assert lr_at(9, 5, OPT, s) == pytest.approx(0.1)  # clamped
 
 
 # ---- ZeRO-1 owners ----
@@ -105,11 +109,13 @@ def test_assign_owners_hand_checked() -> None:
     assert assign_owners([4, 4, 4, 1, 1, 1, 6], 3) == [0, 1, 2, 0, 1, 2, 0]
 
 
-def test_assign_owners_deterministic() -> None:
-    sizes = [(i * 7919) % 1000 + 1 for i in range(50)]
-    a = assign_owners(sizes, 4)
-    assert a == assign_owners(list(sizes), 4)
-    assert len(a) == len(sizes)
+def test_assign_owners_greedy_in_given_order() -> None:
+    # loads [0,0,0]: 7->r0 [7,0,0]; 3->r1 [7,3,0]; 3->r2 [7,3,3]; 2->r1 (tie 3/3, lowest) [7,5,3];
+    # 6->r2 [7,5,9]; 1->r1 [7,6,9]
+    assert assign_owners([7, 3, 3, 2, 6, 1], 3) == [0, 1, 2, 1, 2, 1]
+    # the given order is kept (no largest-first sort, which every rank must agree on anyway):
+    # 1->r0 [1,0]; 1->r1 [1,1]; 10->r0 (tie, lowest) [11,1]; 1->r1 [11,2]; 1->r1 [11,3]
+    assert assign_owners([1, 1, 10, 1, 1], 2) == [0, 1, 0, 1, 1]
 
 
 @pytest.mark.parametrize("dp", [1, 2, 3, 4, 8])

@@ -91,8 +91,25 @@ def test_train_is_deterministic_and_path_independent(tmp_path: Path) -> None:
 def test_train_vocab_too_large_is_user_error(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("1 + 1 = 2.\n")
-    with pytest.raises(MrlhfError, match="corpus.txt"):
+    # 256 byte pieces + 4 special ids + 6 distinct characters ("1", " ", "+", "=", "2", ".") = 266
+    with pytest.raises(MrlhfError) as err:
         train_sentencepiece([str(corpus)], str(tmp_path / "t"), vocab_size=5000)
+    msg = str(err.value)
+    assert "corpus.txt" in msg and "--vocab-size 5000 is too large" in msg, msg
+    low, high = map(int, re.search(r"supports (\d+) to (\d+)", msg).groups())
+    assert low == 266 and low <= high < 5000, msg
+    assert "\n" not in msg and "trainer_interface" not in msg  # one line, not sentencepiece's raw text
+    for size in (low, high):  # both ends of the stated range really train
+        assert Tokenizer.load(train_sentencepiece([str(corpus)], str(tmp_path / f"v{size}"), size)).vocab_size == size
+
+
+def test_train_vocab_too_small_says_the_floor(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("1 + 1 = 2.\n")
+    for size in (2, 100, 265):
+        with pytest.raises(MrlhfError, match=rf"--vocab-size {size} is too small for .*: needs at least 266 ") as err:
+            train_sentencepiece([str(corpus)], str(tmp_path / "t"), vocab_size=size)
+        assert str(corpus) in str(err.value)
 
 
 def test_sentencepiece_load_type_and_eos_token(tok: Tokenizer) -> None:

@@ -1,0 +1,217 @@
+"""Reading checkpoints without running their code: every unpickling on the load path is restricted.
+
+A checkpoint directory is untrusted input (it comes from colleagues and hubs), and pickle runs whatever a file
+tells it to. megatron's ``dist_checkpointing`` (torch DCP underneath) unpickles in three places: each role's
+``.metadata`` (plain ``pickle.load`` in ``FileSystemReader.read_metadata``), the byte items inside ``.distcp`` shards
+(``torch.load(weights_only=False)`` in ``DefaultLoadPlanner.load_bytes``) and ``common.pt`` (``torch.load`` with
+torch's default, which an environment variable can turn unsafe). :func:`install` replaces those three readers, for
+every caller in the process (resume, ``checkpoint.load_dir``, ``mrlhf generate``, conversion, resharding,
+inspection):
+
+- ``.metadata`` goes through :class:`MetadataUnpickler`, which builds only the DCP metadata records, ``torch.Size``,
+  dtypes and layouts; any other global (``os.system``, ``builtins.eval``, a class with a ``__reduce__``) is refused
+  before it is looked up, naming the file;
+- byte items and ``common.pt`` load with ``torch.load(weights_only=True)`` (tensors, containers, numbers, strings);
+- tensor data was already read with ``weights_only=True`` by torch; the per-rank ``ranks/*.pt`` files are read the
+  same way by :mod:`mrlhf.checkpoint`.
+
+The replaced readers also check what they read: sizes and hashes against the integrity manifest
+(:mod:`mrlhf.integrity`), shard files the metadata points at (present, long enough, inside the directory), and
+every failure becomes one :class:`CheckpointError` naming the file -- instead of a traceback, or torch's
+``CheckpointException`` (a ``BaseException``, which ``except Exception`` does not catch).
+
+Known gap: Transformer Engine layers (GPU runs only) unpickle their own ``_extra_state`` bytes inside
+``set_extra_state``; the local layers mrlhf uses without TE store none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+from typing import Any
+
+import torch
+
+from mrlhf import integrity
+from mrlhf.errors import CheckpointError, MrlhfError
+
+_DCP = "torch.distributed.checkpoint"
+ALLOWED: dict[str, set[str]] = {
+    f"{_DCP}.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                         "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    f"{_DCP}.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadPlan", "ReadItem",
+                        "LoadItemType", "BytesIOWriteData"},
+    f"{_DCP}.filesystem": {"_StorageInfo"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},
+    "collections": {"OrderedDict"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+}  # fmt: skip
+"""Globals a DCP ``.metadata`` pickle may name (plus torch dtypes): plain records of tensor shapes and file offsets."""
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file, refusing every global outside :data:`ALLOWED`."""
+
+    def __init__(self, file: Any, path: str) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(
+            f"{self.path}: refused to unpickle '{module}.{name}': checkpoint metadata holds only tensor shapes and "
+            "file offsets, so this file was not written by a checkpoint save (it may be an attack)"
+        )
+
+
+def read_dcp_metadata(role_dir: str, rank: int | None = None) -> Any:
+    """The DCP metadata of a role directory, read safely and checked against the files it points at."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    path = os.path.join(str(role_dir), ".metadata" if rank is None else f"__{rank}.metadata")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file is missing (the role directory holds no complete dist checkpoint)")
+    integrity.verify_file(path)
+    try:
+        with open(path, "rb") as f:
+            metadata = MetadataUnpickler(f, path).load()
+    except MrlhfError:
+        raise
+    except Exception as e:  # EOFError, UnpicklingError, ValueError, ... on damaged bytes
+        raise CheckpointError(f"{path}: damaged or truncated checkpoint metadata ({_first_line(e)})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{path}: not checkpoint metadata (holds a {type(metadata).__name__})")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    check_shards(str(role_dir), metadata, path)
+    return metadata
+
+
+def check_shards(role_dir: str, metadata: Any, source: str) -> None:
+    """Every shard file the metadata names is a plain file name in ``role_dir``, present, and long enough for the
+    byte ranges placed in it (catches a missing or truncated shard with one ``stat`` each, manifest or not)."""
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or os.path.basename(rel) != rel or rel in ("", ".", ".."):
+            raise CheckpointError(f"{source}: names a shard outside its directory ({rel!r}); refusing to read it")
+        ends[rel] = max(ends.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, end in sorted(ends.items()):
+        path = os.path.join(role_dir, rel)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise CheckpointError(f"{path}: shard file is missing ({source} places saved tensors in it)") from None
+        if size < end:
+            raise CheckpointError(f"{path}: truncated: {size} bytes, but {source} places data up to byte {end}")
+
+
+def torch_load(path: str, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint file after its integrity check, with the numpy types RNG
+    states need; any failure names the file."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file is missing")
+    integrity.verify_file(path)
+    safe = [np.ndarray, np.dtype, type(np.dtype("uint32")), np.core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file holds objects other than tensors and plain data "
+                f"({_refused_global(e)}); it was not written by a checkpoint save (it may be an attack)"
+            ) from None
+        raise CheckpointError(f"{path}: damaged or truncated ({_first_line(e)})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: damaged or truncated ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _refused_global(e: BaseException) -> str:
+    for line in str(e).splitlines():
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return line.strip().removeprefix("WeightsUnpickler error: ")
+    return _first_line(e)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The replaced readers
+
+
+def _read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+    metadata = read_dcp_metadata(str(self.path), kwargs.get("rank"))
+    metadata.storage_meta.load_id = self.load_id
+    return metadata
+
+
+def _read_data(self, plan: Any, planner: Any) -> torch.futures.Future:
+    """torch's ``read_data`` one shard file at a time, each verified first, so a failure names its file."""
+    root = str(self.path)
+    per_file: dict[str, list[Any]] = {}
+    for item in plan.items:
+        per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+    integrity.verify_files([os.path.join(root, rel) for rel in per_file])
+    for rel, items in per_file.items():
+        path = os.path.join(root, rel)
+        try:
+            _ORIGINAL["read_data"](self, dataclasses.replace(plan, items=items), planner).wait()
+        except MrlhfError as e:  # a byte item refused by _load_bytes
+            raise CheckpointError(f"{path}: {e}") from None
+        except Exception as e:
+            raise CheckpointError(f"{path}: damaged tensor data ({_first_line(e)})") from None
+    done: torch.futures.Future = torch.futures.Future()
+    done.set_result(None)
+    return done
+
+
+def _load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+    from torch.distributed.checkpoint._traverse import set_element
+
+    fqn = read_item.dest_index.fqn
+    try:
+        obj = torch.load(value, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"saved object '{fqn}' holds more than tensors and plain data ({_refused_global(e)}); "
+                              "refused to unpickle it (it may be an attack)") from None  # fmt: skip
+    if self.flatten_state_dict:
+        set_element(self.original_state_dict, self.mappings[fqn], obj)
+    else:
+        self.state_dict[fqn] = obj
+
+
+def _load_common(self, checkpoint_dir: Any) -> Any:
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+
+    return torch_load(os.path.join(str(checkpoint_dir), COMMON_STATE_FNAME), map_location="cpu")
+
+
+_ORIGINAL: dict[str, Any] = {}
+
+
+def install() -> None:
+    """Route every DCP/megatron checkpoint read in this process through the readers above (idempotent)."""
+    if _ORIGINAL:
+        return
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    _ORIGINAL["read_data"] = FileSystemReader.read_data
+    _ORIGINAL["read_metadata"] = FileSystemReader.read_metadata
+    FileSystemReader.read_metadata = _read_metadata
+    FileSystemReader.read_data = _read_data
+    DefaultLoadPlanner.load_bytes = _load_bytes
+    TorchCommonLoadStrategy.load_common = _load_common
