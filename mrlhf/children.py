@@ -26,9 +26,39 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+_fork_parent = {"pid": 0, "installed": False}
+
+
+def _before_fork() -> None:
+    _fork_parent["pid"] = os.getpid()
+
+
+def _die_with_parent() -> None:
+    """In a child forked by this process (megatron's shard-writer workers): SIGKILL when the parent dies
+    (PR_SET_PDEATHSIG), so a trainer killed mid-save leaves no writer behind; a parent already gone ends it now."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except Exception:  # not Linux / no libc: the writers are short-lived anyway
+        return
+    if os.getppid() != _fork_parent["pid"]:
+        os._exit(0)
+
+
+def forked_children_die_with_us() -> None:
+    """Every process this one forks from now on is killed when this one dies (Linux; once per process)."""
+    if not _fork_parent["installed"] and hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=_before_fork, after_in_child=_die_with_parent)
+        _fork_parent["installed"] = True
+
+
 def tie_checkpoint_writer() -> None:
-    """Give megatron's write-results queue a server that dies with this process (once; before the first save).
-    Spawned like megatron's own (forking a process that already runs gloo and OpenMP threads is not safe)."""
+    """Give megatron's write-results queue a server that dies with this process (once; before the first save), and
+    make the shard writers it forks during a save die with it too. The server is spawned like megatron's own (forking
+    a process that already runs gloo and OpenMP threads is not safe)."""
+    forked_children_die_with_us()
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:

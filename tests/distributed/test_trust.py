@@ -192,5 +192,6 @@ def test_ppo_checkpoint_covers_every_role_and_a_damaged_role_is_refused_on_resum
     assert {f.split("/")[0] for f in files} == {"actor", "critic", "ema_actor", "reference", "reward", "ranks"}
     shard = os.path.join(step, "reward", "__0_0.distcp")
     flip_byte(shard)
-    (res,) = run_ranks(ppo_guarded, 1, out, extra + ["training.train_steps=2"])
+    # a longer run is a config change resume refuses unless allowed; allowed, the damaged shard is what stops it
+    (res,) = run_ranks(ppo_guarded, 1, out, extra + ["training.train_steps=2", "checkpoint.allow_config_change=true"])
     assert f"{shard}: content differs from what was saved" in res["error"], res
