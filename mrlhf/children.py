@@ -15,13 +15,14 @@ import threading
 import time
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Runs in the helper: end it once ``parent`` is gone (we were re-parented)."""
+def exit_with_parent(parent: int, code: int = 0) -> None:
+    """End this process with ``code`` once ``parent`` is gone (it was killed; we were re-parented), from a daemon
+    thread. Runs in helper processes (their start function) and in forked ranks."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
-        os._exit(0)
+        os._exit(code)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
@@ -69,5 +70,5 @@ def tie_checkpoint_writer() -> None:
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(_exit_with_parent, (os.getpid(),))
+    manager.start(exit_with_parent, (os.getpid(),))
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager referenced

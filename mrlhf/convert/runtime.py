@@ -18,13 +18,13 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from multiprocessing.managers import SyncManager
 from typing import Any
 
+from mrlhf.children import exit_with_parent
 from mrlhf.errors import ConversionError, MrlhfError
 
 TOKENIZER_FILES = (
@@ -46,7 +46,7 @@ def _child(fn: Callable, rank: int, world: int, port: int, results, args: tuple)
     )
     launcher = os.getppid()
     _own_checkpoint_writer()
-    _exit_with_parent(launcher)
+    exit_with_parent(launcher, code=1)
     import torch
 
     torch.set_num_threads(1)  # never enter an OpenMP pool inherited across fork
@@ -86,7 +86,7 @@ def _own_checkpoint_writer() -> None:
         return
     if hasattr(filesystem_async, "_results_queue"):
         manager = SyncManager(ctx=mp.get_context("fork"))
-        manager.start(_exit_with_parent, (os.getpid(),))
+        manager.start(exit_with_parent, (os.getpid(), 1))
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
 
 
@@ -100,17 +100,6 @@ def _large_blocks_to_mmap(threshold: int = 1 << 20) -> None:
     with contextlib.suppress(OSError, AttributeError, TypeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (setting it also turns off the dynamic adjustment)
-
-
-def _exit_with_parent(parent: int) -> None:
-    """End this process once ``parent`` is gone (it was killed; we were re-parented), from a daemon thread."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:

@@ -16,11 +16,12 @@ inside that stage's DP group.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from mrlhf.config import RunConfig
 from mrlhf.generation.generate import GenerationConfig, Generator
-from mrlhf.generation.sampling import SamplingParams
 from mrlhf.models import residency
 from mrlhf.parallel import comm
 from mrlhf.parallel.schedule import forward_only
@@ -49,13 +50,11 @@ def rollout(
     """This DP rank's prompts -> rollout fields (every stage). ``first_seq_id``: global id of this rank's first
     sequence. Returns the record and the generator's statistics."""
     g, n = cfg.generation, cfg.ppo.n_samples
-    engine_cfg = GenerationConfig(
-        max_new_tokens=g.max_new_tokens,
-        sampling=SamplingParams(g.temperature, g.top_k, g.top_p, iteration_seed(g.seed, cfg.training.seed, iteration)),
-        stop_token_ids=() if g.ignore_eos else (eos_id,),
-        micro_batch_size=g.micro_batch_size,
-        num_slots=g.num_slots,
-    )
+    base = GenerationConfig.from_section(g, eos_id)
+    engine_cfg = dataclasses.replace(  # rollouts: fresh noise per iteration, stop at EOS only (token ids, no text)
+        base, sampling=dataclasses.replace(base.sampling, seed=iteration_seed(g.seed, cfg.training.seed, iteration)),
+        stop_token_ids=() if g.ignore_eos else (eos_id,), stop_strings=(),
+    )  # fmt: skip
     repeated = [p for p in prompts for _ in range(n)]  # the n samples of a prompt sit next to each other
     actor.eval()
     out = Generator(actor, engine_cfg, pad_id).generate(repeated, seq_id_offset=first_seq_id)

@@ -101,12 +101,13 @@ def check_skip(state: TrainState, skipped: float, cfg: RunConfig, what: str, ste
         )
 
 
-def reduce_last_stage_scalars(values: list[float]) -> list[float]:
-    """Sum per-DP-rank scalars of the last stage over DP and hand the result to every rank."""
+def reduce_last_stage_scalars(values: list[float], op: torch.distributed.ReduceOp = torch.distributed.ReduceOp.SUM
+                              ) -> list[float]:  # fmt: skip
+    """Sum (or ``op``) per-DP-rank scalars of the last stage over DP and hand the result to every rank."""
     t = torch.tensor(
         values if ps.is_pipeline_last_stage() else [0.0] * len(values), dtype=torch.float64, device=comm.run_device()
     )
-    comm.all_reduce_dp(t)
+    comm.all_reduce_dp(t, op=op)
     comm.broadcast_from_last_stage(t)
     return t.tolist()
 
@@ -211,6 +212,12 @@ def init_path(cfg: RunConfig) -> str:
     return ckpt.latest_checkpoint(cfg.checkpoint.load_dir) or cfg.checkpoint.load_dir
 
 
+def save_due(cfg: RunConfig, state: TrainState, final: bool) -> bool:
+    """A checkpoint is written at this step: the last one, or every checkpoint.save_interval steps."""
+    interval = cfg.checkpoint.save_interval
+    return bool(cfg.checkpoint.enabled and (final or (interval and state.step % interval == 0)))
+
+
 def maybe_save(
     cfg: RunConfig,
     state: TrainState,
@@ -219,8 +226,7 @@ def maybe_save(
     tokenizer_hash: str,
     final: bool,
 ) -> None:
-    interval = cfg.checkpoint.save_interval
-    if not cfg.checkpoint.enabled or not (final or (interval and state.step % interval == 0)):
+    if not save_due(cfg, state, final):
         return
     ckpt.save_checkpoint(
         cfg.save_dir,

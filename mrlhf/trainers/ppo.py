@@ -46,6 +46,8 @@ from mrlhf.trainers.common import (
     log_main,
     maybe_save,
     optimizer_step,
+    reduce_last_stage_scalars,
+    save_due,
     save_resolved_config,
     seed_everything,
 )
@@ -362,7 +364,7 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
     keys_out = ("pg_loss_sum", "clipped_sum", "approx_kl_sum", "actor_tokens", "ptx_nll_sum", "value_loss_sum",
                 "value_clipped_sum", "critic_tokens")  # fmt: skip
     local = [float(sums.get(k, 0.0)) for k in keys_out] if last else [0.0] * len(keys_out)
-    s = dict(zip(keys_out, reduce_last_stage_sums(local, ctx.device)))
+    s = dict(zip(keys_out, reduce_last_stage_scalars(local)))
     out: dict[str, float] = {}
     if train_actor:
         n = max(s["actor_tokens"], 1.0)
@@ -382,21 +384,6 @@ def _dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def reduce_last_stage_sums(values: list[float], device) -> list[float]:
-    """Sum per-DP-rank scalars of the last stage over DP and give the result to every rank (one collective each)."""
-    t = torch.tensor(values if ps.is_pipeline_last_stage() else [0.0] * len(values), dtype=torch.float64, device=device)
-    comm.all_reduce_dp(t)
-    comm.broadcast_from_last_stage(t)
-    return t.tolist()
-
-
-def reduce_last_stage_max(values: list[float], device) -> list[float]:
-    t = torch.tensor(values if ps.is_pipeline_last_stage() else [0.0] * len(values), dtype=torch.float64, device=device)
-    comm.all_reduce_dp(t, op=torch.distributed.ReduceOp.MAX)
-    comm.broadcast_from_last_stage(t)
-    return t.tolist()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics of one iteration's experience
 
@@ -405,7 +392,7 @@ EXP_KEYS = ("seqs", "valid", "raw_sum", "raw_sq", "score_sum", "score_sq", "len_
             "value_tokens")  # fmt: skip
 
 
-def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, device) -> dict[str, float]:
+def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool) -> dict[str, float]:
     if not last:
         local = [0.0] * len(EXP_KEYS)
         mx = [0.0]
@@ -430,8 +417,8 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, 
                         res_sq=(res**2 * m).sum(), value_tokens=m.sum())  # fmt: skip
         local = [float(vals[k]) for k in EXP_KEYS]
         mx = [float(mismatch.max()) if mismatch.numel() else 0.0]
-    s = dict(zip(EXP_KEYS, reduce_last_stage_sums(local, device)))
-    (mismatch_max,) = reduce_last_stage_max(mx, device)
+    s = dict(zip(EXP_KEYS, reduce_last_stage_scalars(local)))
+    (mismatch_max,) = reduce_last_stage_scalars(mx, torch.distributed.ReduceOp.MAX)
     n, tok = max(s["valid"], 1.0), max(s["tokens"], 1.0)
 
     def std(sq, total, count):
@@ -527,28 +514,34 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     reduce = comm.all_reduce_dp
     while state.step < t.train_steps:
         timer, start = PhaseTimer(), time.perf_counter()
+        mem: dict[str, dict[str, float]] = {}  # per-phase memory, reported on the first and the last iteration
+        mem_due = state.step == 0 or state.step + 1 == t.train_steps
+        if mem_due and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # each phase's peak, not one of an earlier iteration
         batch, mine = next_prompts(run, cfg)
         prompts = [list(run.prompts.train[i]) for i in mine]
         first_seq = ctx.dp_rank * len(mine) * p.n_samples
         with timer("generate"):
             exp, gen_stats = rollout(run.roles["actor"], prompts, mine, first_seq, cfg, state.step,
                                      run.tokenizer.eos_id, run.tokenizer.pad_id, device)  # fmt: skip
-        mem = {"generate": memory_report(run, device, gen_stats.get("kv_cache_bytes", 0.0))}
+        if mem_due:
+            mem["generate"] = memory_report(run, device, gen_stats.get("kv_cache_bytes", 0.0))
 
         def report_resident(mem=mem) -> None:  # while every role is on the device
             mem["experience"] = memory_report(run, device)
 
         with timer("experience"):
-            entropy = score(exp, run.roles, cfg, device, last, report_resident)
+            entropy = score(exp, run.roles, cfg, device, last, report_resident if mem_due else None)
             if last:
                 shape(exp, cfg, run.kl_ctl.value, run.normalizer, reduce)
-        record = experience_stats(exp, entropy, last, device)
+        record = experience_stats(exp, entropy, last)
         total_seqs = int(record.pop("_global_seqs"))
         if record["dropped_samples"] > 0:
             warn_dropped(exp, run, batch, p.n_samples, total_seqs, last, device)
         with timer("train"):
             record.update(update(run, exp, cfg, ctx, last))
-        mem["train"] = memory_report(run, device)
+        if mem_due:
+            mem["train"] = memory_report(run, device)
         sync_controllers(run, record, total_seqs, device)
         state.step += 1
         state.consumed_samples += t.global_batch_size
@@ -560,9 +553,8 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
                   "generated_tokens": record["response_length"] * total_seqs,
                   **{f"time_{k}_s": v for k, v in timer.seconds.items()},
                   "iteration_time_s": time.perf_counter() - start, "consumed_prompts": state.consumed_samples}  # fmt: skip
-        if state.step == 1 or state.step == t.train_steps:
-            for phase, rep in mem.items():
-                record.update({f"{phase}_{k}": v for k, v in rep.items()})
+        for phase, rep in mem.items():
+            record.update({f"{phase}_{k}": v for k, v in rep.items()})
         records.append(record)
         if state.step % cfg.logging.log_interval == 0 or state.step == t.train_steps:
             metrics.write(record)
@@ -592,12 +584,10 @@ def sync_controllers(run: PPORun, record: dict[str, float], total_seqs: int, dev
 
 
 def save(run: PPORun, cfg: RunConfig, ctx: ParallelContext, final: bool) -> None:
-    offloaded = [r for r in FROZEN if residency.is_offloaded(run.roles[r])]
-    interval = cfg.checkpoint.save_interval
-    due = cfg.checkpoint.enabled and (final or (interval and run.state.step % interval == 0))
-    if not due:
+    if not save_due(cfg, run.state, final):
         return
-    for r in offloaded:  # frozen roles are saved from the device copy
+    offloaded = [r for r in FROZEN if r in run.saved and residency.is_offloaded(run.roles[r])]
+    for r in offloaded:  # frozen roles that the checkpoint holds are saved from the device copy
         residency.reload(run.roles[r], ctx.device)
     maybe_save(cfg, run.state, run.saved, run.optimizers, run.tokenizer.hash, final)
     for r in offloaded:

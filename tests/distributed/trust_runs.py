@@ -113,7 +113,9 @@ def plant(step_dir: str, where: str, marker: str) -> str:
         torch.save(Payload(marker), path)
     elif where == "ranks":
         path = os.path.join(step_dir, "ranks", "tp0_pp0_dp0.pt")
-        state = torch.load(path, weights_only=False)
+        from mrlhf.safe_load import torch_load
+
+        state = torch_load(path)  # the checkpoint's own rank state, read the safe way
         state["rng"]["python"] = Payload(marker)
         torch.save(state, path)
     elif where == "bytes_item":
