@@ -3,7 +3,8 @@
 Run single-process with ``mrlhf sft ...`` or under torchrun (``torchrun --nproc-per-node 4 -m mrlhf.cli sft ...``).
 User errors (config, data, checkpoints, checkpoint I/O) print one line and exit with code 2; no traceback. Under
 torchrun the layout is checked against WORLD_SIZE before any process group exists, and only rank 0 prints the line
-(every rank raises the same error: checkpoint code agrees on rank-local failures first); every rank exits 2.
+(every rank raises the same error: checkpoint code agrees on rank-local failures first); every rank that reaches the
+error exits 2, and torchrun itself stops (SIGTERM, -15 in its summary) a rank still starting when the first one exits.
 """
 
 from __future__ import annotations

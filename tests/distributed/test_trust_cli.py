@@ -1,10 +1,12 @@
 """Checkpoint failures through the real commands: a damaged checkpoint is one line and exit 2; a full or read-only
 disk at save time is one line and exit 2 with 'latest' still loadable; killing a trainer leaves no process behind;
-a torchrun layout error is printed once and every rank exits 2."""
+a torchrun layout error is printed once, the root cause exits 2 and no rank exits otherwise (torchrun may stop a
+slower rank with SIGTERM first)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -137,7 +139,7 @@ def test_killed_trainer_leaves_no_process_behind(sig, tmp_path):
     [(3, ["parallel.tp=2"], "world size 3 is not divisible by parallel.tp*parallel.pp = 2"),
      (2, ["training.global_batch_size=6", "training.micro_batch_size=2"], "must be a multiple of dp (2)")],
 )  # fmt: skip
-def test_torchrun_layout_error_is_printed_once_and_every_rank_exits_2(nproc, extra, text, tmp_path):
+def test_torchrun_layout_error_is_printed_once_and_ranks_exit_2(nproc, extra, text, tmp_path):
     torchrun = os.path.join(os.path.dirname(PY), "torchrun")
     proc = subprocess.run([torchrun, "--nproc-per-node", str(nproc), "-m", "mrlhf.cli", "sft", "--config", TINY,
                            f"training.output_dir={tmp_path}", *extra], cwd=ROOT, capture_output=True, text=True,
@@ -145,4 +147,11 @@ def test_torchrun_layout_error_is_printed_once_and_every_rank_exits_2(nproc, ext
     output = proc.stdout + proc.stderr
     errors = [line for line in output.splitlines() if "mrlhf: error:" in line]
     assert len(errors) == 1 and text in errors[0], output[-3000:]
-    assert output.count("exitcode  : 2 ") == nproc, output[-3000:]  # torchrun's summary lists every rank's code
+    # torchrun's summary lists every rank's code. A rank that had not yet exited when torchrun saw the first failure is
+    # SIGTERMed by torchrun itself (-15), so "every rank exits 2" is only observable as: the root cause is exit 2, and
+    # every other rank either exited 2 on its own or was stopped by torchrun -- none crashed, hung or exited otherwise.
+    codes = re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", output, re.M)
+    assert len(codes) == nproc, output[-3000:]
+    assert set(codes) <= {"2", "-15"} and "2" in codes, output[-3000:]
+    root = output.split("Root Cause", 1)[1]
+    assert re.search(r"exitcode\s*:\s*2 ", root), output[-3000:]
