@@ -180,6 +180,20 @@ def verify_file(path: str) -> None:
     verify_files([path])
 
 
+def _digest_entry(path: str, step: str, entry: dict) -> dict:
+    """``entry`` with ``sha256`` as a list of piece digests. A single string is one digest of the whole file (the
+    ``sha256sum``; early manifests wrote that); anything else is a damaged manifest, named as such -- not the file."""
+    want, piece = entry.get("sha256"), entry.get("piece", PIECE)
+    if isinstance(want, str):
+        return {**entry, "piece": max(1, int(entry["size"])), "sha256": [want]}
+    if not (isinstance(want, list) and want and all(isinstance(w, str) for w in want)) or not (
+        isinstance(piece, int) and piece > 0
+    ):
+        raise CheckpointError(f"{step}/{META}: the integrity manifest's entry for {os.path.relpath(path, step)} is "
+                              "malformed (expected a sha256 digest list and a positive piece size)")  # fmt: skip
+    return entry
+
+
 def verify_files(paths: list[str]) -> None:
     """Check files against the manifest: presence and sizes first (in order), then the hashes of all of them in
     parallel (once per process and file); the first problem raises a CheckpointError naming the file."""
@@ -192,7 +206,10 @@ def verify_files(paths: list[str]) -> None:
                 raise CheckpointError(f"{path}: file is missing")
             _note_unverified(step)
             continue
-        entry = files.get(rel)
+        entry = files.get(rel) if isinstance(files, dict) else {}
+        if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("size"), int)):
+            raise CheckpointError(f"{step}/{META}: the integrity manifest is malformed at the entry for {rel} "
+                                  "(expected an object with an integer size)")  # fmt: skip
         if entry is None:
             raise CheckpointError(f"{path}: not in the checkpoint's integrity manifest ({step}/{META}); refusing to "
                                   "read a file the save did not write")  # fmt: skip
@@ -207,7 +224,7 @@ def verify_files(paths: list[str]) -> None:
         with _lock:
             done = _verified.get(path) == key
         if _state["verify"] and not done:
-            pending.append((path, entry, key))
+            pending.append((path, _digest_entry(path, step, entry), key))
     by_piece: dict[int, list[tuple[str, dict, tuple[int, int]]]] = {}
     for item in pending:
         by_piece.setdefault(int(item[1].get("piece", PIECE)), []).append(item)

@@ -251,3 +251,23 @@ def test_large_files_are_hashed_in_pieces_and_a_mismatch_names_its_bytes(tmp_pat
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"content differs from what was saved in bytes 32-48"):
         integrity.verify_file(str(shard))
+
+
+def test_whole_file_digest_entries_verify_and_malformed_entries_blame_the_manifest(tmp_path):
+    import hashlib
+
+    role = make_role_dir(tmp_path, pickle.dumps(dcp_metadata()))
+    step = role.parent
+    shard = role / "__0_0.distcp"
+    data = shard.read_bytes()
+    whole = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}  # one string: the file's sha256sum
+    (step / "meta.json").write_text(json.dumps({"step": 1, "roles": ["actor"], "files": {"actor/__0_0.distcp": whole}}))
+    integrity.verify_file(str(shard))  # a matching whole-file digest is accepted ...
+    shard.write_bytes(b"\1" + data[1:])
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: content differs from what was saved in the file"):
+        integrity.verify_file(str(shard))  # ... and a changed byte is still found
+    for bad in ({"size": len(data), "sha256": 7}, {"size": len(data), "sha256": []}, {"size": "64", "sha256": ["a"]},
+                ["not", "an", "object"]):  # fmt: skip
+        (step / "meta.json").write_text(json.dumps({"step": 1, "files": {"actor/__0_0.distcp": bad}}))
+        with pytest.raises(CheckpointError, match=r"meta\.json: the integrity manifest.* malformed"):
+            integrity.verify_file(str(shard))
