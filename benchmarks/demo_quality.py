@@ -24,39 +24,70 @@ PY = sys.executable
 PROMPTS = os.path.join(ROOT, "mrlhf", "assets", "demo", "prompts_eval.jsonl")
 
 
+REUSE = {"on": False}
+
+
+def trained(out_dir: str) -> bool:
+    """With --reuse: the stage's run directory already holds a finished checkpoint (then it is judged, not rerun)."""
+    return REUSE["on"] and os.path.exists(os.path.join(out_dir, "checkpoints", "latest"))
+
+
 def run(args: list[str]) -> None:
+    if REUSE["on"] and "--config" in args:
+        out = next(a.split("=", 1)[1] for a in args if a.startswith("training.output_dir="))
+        if trained(out):
+            return
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([PY, "-m", "mrlhf.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"failed: mrlhf {' '.join(args)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
-def judge(ckpt: str, out: str) -> float:
-    run(["generate", "--checkpoint", ckpt, "--prompts", PROMPTS, "--out", out, "generation.temperature=0"])
+def judge(ckpt: str, out: str, prompts: str = PROMPTS) -> float:
+    run(["generate", "--checkpoint", ckpt, "--prompts", prompts, "--out", out, "generation.temperature=0"])
     from mrlhf.demo.score import score_file
 
     return score_file(out)["mean"]
 
 
-def one_seed(seed: int, base: str) -> dict[str, float]:
+def data_overrides(assets: str | None, train: str, eval_: str) -> list[str]:
+    """Data paths of a stage when the run uses another asset directory (tools/make_demo_assets.py --out-dir)."""
+    if assets is None:
+        return []
+    return [f"data.train_path={assets}/{train}", f"data.eval_path={assets}/{eval_}",
+            f"data.tokenizer_path={assets}/tokenizer.model"]  # fmt: skip
+
+
+def one_seed(seed: int, base: str, assets: str | None = None, skip: tuple[str, ...] = (),
+             extra: dict[str, list[str]] | None = None) -> dict[str, float]:  # fmt: skip
     d = os.path.join(base, f"seed{seed}")
     s = [f"training.seed={seed}"]
+    extra = extra or {}
+    prompts = os.path.join(assets, "prompts_eval.jsonl") if assets else PROMPTS
     res: dict[str, float] = {}
     t0 = time.perf_counter()
-    run(["sft", "--config", "configs/sft_demo.yaml", *s, f"training.output_dir={d}/sft"])
-    res["sft_judge"] = judge(f"{d}/sft/checkpoints", f"{d}/sft/eval.jsonl")
+    run(["sft", "--config", "configs/sft_demo.yaml", *s, f"training.output_dir={d}/sft",
+         *data_overrides(assets, "sft_train.jsonl", "sft_eval.jsonl"), *extra.get("sft", [])])  # fmt: skip
+    res["sft_judge"] = judge(f"{d}/sft/checkpoints", f"{d}/sft/eval.jsonl", prompts)
     run(["rm", "--config", "configs/rm_demo.yaml", *s, f"training.output_dir={d}/rm",
-         f"checkpoint.load_dir={d}/sft/checkpoints"])  # fmt: skip
+         f"checkpoint.load_dir={d}/sft/checkpoints", *data_overrides(assets, "pref_train.jsonl", "pref_eval.jsonl"),
+         *extra.get("rm", [])])  # fmt: skip
     with open(f"{d}/rm/metrics.jsonl", encoding="utf-8") as f:
         res["rm_accuracy"] = [json.loads(line) for line in f][-1]["eval_accuracy"]
-    for name, extra in (("ppo", []), ("grpo", ["ppo.estimator=grpo", "ppo.n_samples=4", "training.global_batch_size=16"])):
-        run(["ppo", "--config", "configs/ppo_demo.yaml", *s, *extra, f"training.output_dir={d}/{name}",
-             f"ppo.actor_load_dir={d}/sft/checkpoints", f"ppo.critic_load_dir={d}/rm/checkpoints"])  # fmt: skip
-        res[f"{name}_judge"] = judge(f"{d}/{name}/checkpoints", f"{d}/{name}/eval.jsonl")
-    run(["dpo", "--config", "configs/dpo_demo.yaml", *s, f"training.output_dir={d}/dpo",
-         f"checkpoint.load_dir={d}/sft/checkpoints"])  # fmt: skip
-    res["dpo_judge"] = judge(f"{d}/dpo/checkpoints", f"{d}/dpo/eval.jsonl")
-    res["ppo_minus_sft"] = res["ppo_judge"] - res["sft_judge"]
+    for name, more in (("ppo", []), ("grpo", ["ppo.estimator=grpo", "ppo.n_samples=4", "training.global_batch_size=16"])):
+        if name in skip:
+            continue
+        run(["ppo", "--config", "configs/ppo_demo.yaml", *s, *more, f"training.output_dir={d}/{name}",
+             f"ppo.actor_load_dir={d}/sft/checkpoints", f"ppo.critic_load_dir={d}/rm/checkpoints",
+             *data_overrides(assets, "prompts_train.jsonl", "prompts_eval.jsonl"), *extra.get(name, [])])  # fmt: skip
+        res[f"{name}_judge"] = judge(f"{d}/{name}/checkpoints", f"{d}/{name}/eval.jsonl", prompts)
+    if "dpo" not in skip:
+        run(["dpo", "--config", "configs/dpo_demo.yaml", *s, f"training.output_dir={d}/dpo",
+             f"checkpoint.load_dir={d}/sft/checkpoints", *data_overrides(assets, "pref_train.jsonl", "pref_eval.jsonl"),
+             *extra.get("dpo", [])])  # fmt: skip
+        res["dpo_judge"] = judge(f"{d}/dpo/checkpoints", f"{d}/dpo/eval.jsonl", prompts)
+    if "ppo" not in skip:
+        res["ppo_minus_sft"] = res["ppo_judge"] - res["sft_judge"]
     res["minutes"] = (time.perf_counter() - t0) / 60
     return res
 
@@ -66,16 +97,30 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--assets", help="demo data directory to use instead of mrlhf/assets/demo (made with "
+                    "tools/make_demo_assets.py --out-dir)")  # fmt: skip
+    ap.add_argument("--reuse", action="store_true", help="keep stages whose run directory already has a checkpoint "
+                    "(same seed, same configs: the runs are deterministic on one machine) and only judge them")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["ppo", "grpo", "dpo"], help="stages to leave out")
+    ap.add_argument("--set", nargs="*", default=[], metavar="STAGE:KEY=VALUE",
+                    help="extra override for one stage (sft, rm, ppo, grpo, dpo), e.g. ppo:training.train_steps=300")
     ap.add_argument("--aggregate", nargs="+", help="summarise the --json files of earlier runs (e.g. one per seed, run "
                     "side by side with OMP_NUM_THREADS=1) instead of running")  # fmt: skip
     args = ap.parse_args()
+    REUSE["on"] = args.reuse
     rows = {}
     if args.aggregate:
         for path in args.aggregate:
             with open(path, encoding="utf-8") as f:
                 rows.update({int(k): v for k, v in json.load(f)["per_seed"].items()})
     for seed in [] if args.aggregate else args.seeds:
-        rows[seed] = one_seed(seed, args.out)
+        extra: dict[str, list[str]] = {}
+        for item in args.set:
+            stage, _, override = item.partition(":")
+            if stage not in ("sft", "rm", "ppo", "grpo", "dpo") or "=" not in override:
+                ap.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE one of sft, rm, ppo, grpo, dpo")
+            extra.setdefault(stage, []).append(override)
+        rows[seed] = one_seed(seed, args.out, args.assets, tuple(args.skip), extra)
         print(f"seed {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in rows[seed].items()), flush=True)
     for seed, row in sorted(rows.items()) if args.aggregate else []:
         print(f"seed {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))

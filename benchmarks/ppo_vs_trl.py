@@ -12,7 +12,9 @@ critic + random reward model; GRPO: 16 completions per step = 4 prompts x 4 samp
 the reference, a trivial python reward. benchmarks/trl_side.py's docstring lists what one TRL iteration contains.
 
 The table: algo, mrlhf s/iter, TRL s/iter, TRL/mrlhf (> 1: mrlhf is faster), each side's share of the iteration
-spent generating. ``--json`` prints one JSON object instead.
+spent generating, and the floor: the iteration's matmul FLOPs (``iteration_flops``) over this CPU's measured fp32
+matmul rate at the same shapes (``matmul_rate``), with TRL/floor, the largest speed-up over TRL that any
+implementation doing the same work could show. ``--json`` prints one JSON object instead.
 """
 
 from __future__ import annotations
@@ -65,19 +67,57 @@ def trl_side(algo: str, iterations: int, warmup: int, threads: int) -> dict:
     return json.loads(lines[-1])
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# PLACEHOLDER: the mrlhf side, to be filled in by the PPO work.
-# It must run SHAPE[algo] (see the module docstring) for `warmup` untimed + `iterations` timed iterations in this process
-# (torch threads are already set by main) and return at least
-#     {"seconds_per_iteration": mean, "std": ..., "generation_share": float or None, "iterations": iterations}
-# For a fair comparison mirror what a TRL iteration contains (trl_side.py's docstring): generation, reference / value
-# / reward forwards, GAE (PPO) or group advantages (GRPO), one optimizer step per model; time whole iterations.
-# ---------------------------------------------------------------------------------------------------------------------
 def mrlhf_side(algo: str, iterations: int, warmup: int) -> dict:
     """`mrlhf ppo` on the same shape in this process (benchmarks/mrlhf_ppo_side.py)."""
     from benchmarks.mrlhf_ppo_side import mrlhf_side as run
 
     return run(algo, iterations, warmup, threads=int(os.environ.get("MRLHF_BENCH_THREADS", "2")))
+
+
+def iteration_flops(algo: str) -> float:
+    """Matmul FLOPs of one iteration of SHAPE[algo], counted at the minimum any implementation needs: forward
+    2 * params * tokens (backward twice that), the LM head only where a log-prob is used (response positions), causal
+    attention scores and values; generation = prefill + one decode step per further token. PPO: generation, actor
+    (old log-probs), reference, critic and reward forwards, actor and critic forward+backward (what TRL's PPO
+    iteration does too). GRPO as benchmarked here: generation, actor, reference and reward forwards, actor
+    forward+backward."""
+    h, layers, vocab = SHAPE["hidden_size"], SHAPE["num_layers"], SHAPE["vocab"]
+    prompt, resp = SHAPE["prompt_len"], SHAPE["response_len"]
+    seqs = SHAPE[algo]["prompts"] * SHAPE[algo]["n_samples"]
+    seq = prompt + resp
+    body = layers * 12 * h * h  # qkv + proj (4h^2) and the 4h MLP (8h^2), per token
+    head = vocab * h
+
+    def attn(length: int) -> float:  # causal scores + values of one sequence over all layers
+        return layers * 2 * length * length * h
+
+    gen = seqs * (2 * body * (seq - 1) + 2 * head * resp + attn(seq - 1))
+    lm_forward = seqs * (2 * body * seq + 2 * head * resp + attn(seq))
+    scalar_forward = seqs * (2 * body * seq + attn(seq))
+    if algo == "ppo":
+        return gen + 2 * lm_forward + 2 * scalar_forward + 3 * lm_forward + 3 * scalar_forward
+    return gen + 2 * lm_forward + scalar_forward + 3 * lm_forward
+
+
+def matmul_rate(threads: int, reps: int = 20) -> float:
+    """fp32 matmul FLOP/s of this CPU at the benchmark's shapes (best of ``reps``; torch's own kernels)."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    h, vocab = SHAPE["hidden_size"], SHAPE["vocab"]
+    rows = SHAPE["ppo"]["prompts"] * (SHAPE["prompt_len"] + SHAPE["response_len"])
+    shapes = [(rows, h, 3 * h), (rows, h, h), (rows, h, 4 * h), (rows, 4 * h, h), (rows // 3 * 2, h, vocab)]
+    pairs = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for a, b in pairs:
+            torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return flops / best
 
 
 def fmt(x, spec: str) -> str:
@@ -86,7 +126,8 @@ def fmt(x, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'algo':>5} {'mrlhf s/iter':>13} {'TRL s/iter':>11} {'TRL/mrlhf':>10} {'gen share mrlhf':>16} {'gen share TRL':>14}"
+    head = (f"{'algo':>5} {'mrlhf s/iter':>13} {'TRL s/iter':>11} {'TRL/mrlhf':>10} {'gen share mrlhf':>16} "
+            f"{'gen share TRL':>14} {'floor s/iter':>13} {'TRL/floor':>10}")
     out = [head]
     for r in rows:
         m, t = r.get("mrlhf") or {}, r.get("trl") or {}
@@ -94,7 +135,8 @@ def table(rows: list[dict]) -> str:
         ratio = ts / ms if ms and ts else None
         out.append(
             f"{r['algo']:>5} {fmt(ms, '13.3f')} {fmt(ts, '11.3f')} {fmt(ratio, '10.2f')} "
-            f"{fmt(m.get('generation_share'), '16.2f')} {fmt(t.get('generation_share'), '14.2f')}"
+            f"{fmt(m.get('generation_share'), '16.2f')} {fmt(t.get('generation_share'), '14.2f')} "
+            f"{fmt(r.get('floor_s'), '13.3f')} {fmt(ts / r['floor_s'] if ts and r.get('floor_s') else None, '10.2f')}"
         )
     return "\n".join(out)
 
@@ -141,10 +183,15 @@ def main(argv=None) -> int:
             notes.append(f"{algo}: mrlhf side not available ({e})")
         rows.append(row)
 
+    rate = matmul_rate(a.threads)
+    for row in rows:
+        row["gflop"] = iteration_flops(row["algo"]) / 1e9
+        row["floor_s"] = row["gflop"] * 1e9 / rate
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     if a.json:
         print(json.dumps({"rows": rows, "shape": SHAPE, "threads": a.threads, "iterations": a.iterations,
                           "warmup": a.warmup, "cpu": cpu_model(), "torch": torch.__version__,
+                          "matmul_gflops": rate / 1e9,
                           "loadavg": load, "notes": notes}))  # fmt: skip
     else:
         print(f"# {cpu_model()}, {a.threads} threads, {a.iterations} iterations after {a.warmup} warm-up, "
@@ -152,6 +199,10 @@ def main(argv=None) -> int:
         print(table(rows))
         for n in notes:
             print(f"# {n}")
+        work = ", ".join(f"{r['algo']} {r['gflop']:.0f} GFLOP" for r in rows)
+        print(f"# floor: the iteration's matmul FLOPs ({work}) at "
+              f"this CPU's measured fp32 matmul rate ({rate / 1e9:.0f} GFLOP/s, {a.threads} threads); TRL/floor is the "
+              "largest speed-up over TRL that any implementation doing this work could reach")
         if load:
             print(f"# load average after the run: {load[0]:.2f} (the numbers are noisy if other jobs shared the CPU)")
     return 0

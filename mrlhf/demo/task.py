@@ -50,8 +50,10 @@ MUL_OPERANDS = range(2, 10)
 
 # The simulated demonstrators are sloppy in one systematic way: asked for just the number they still write the full
 # equation this often. Above 0.5 the SFT policy's most likely answer to such prompts is the wrong format, so greedy
-# SFT decoding loses half credit there and preference data (RM, DPO, PPO) has something clear to fix.
-DEMO_IGNORES_NUMBER_INSTRUCTION = 0.8
+# SFT decoding loses half credit there and preference data (RM, DPO, PPO) has something clear to fix. At 0.8 the
+# 2-layer demo policy saw too few bare answers to learn to compute without writing the equation out: PPO taught it the
+# format but the numbers were wrong (0.838 at seed 3); at 0.6 the same run scores 0.922 (benchmarks/RESULTS.md).
+DEMO_IGNORES_NUMBER_INSTRUCTION = 0.6
 
 # Kinds of wrong response. The first two keep the right number (the judge gives 0.5): the other format, or the
 # equation with its operands swapped ("8 + 7 = 15." for "What is 7 + 8?"). The last two state a wrong number.

@@ -16,6 +16,7 @@ from mrlhf.data.tokenizer import Tokenizer
 from mrlhf.demo import ASSETS_DIR
 from mrlhf.demo.judge import gold_response, judge_batch, score
 from mrlhf.demo.task import (
+    DEMO_IGNORES_NUMBER_INSTRUCTION,
     FORMAT_KINDS,
     NUMBER_KINDS,
     OPS,
@@ -229,9 +230,11 @@ def test_sft_responses_have_right_numbers() -> None:
     for name in ("sft_train", "sft_eval"):
         scores = [score(r["prompt"], r["response"]) for r in load(name)]
         assert min(scores) == 0.5 and max(scores) == 1.0
-    # Asked for just the number, demonstrators mostly write the full equation anyway.
+    # Asked for just the number, demonstrators mostly write the full equation anyway (at the task's stated rate,
+    # which must stay above one half: then the SFT policy's likeliest answer is the wrong format).
     number = [r for r in load("sft_train") if parse_prompt(r["prompt"]).fmt == "number"]
-    assert 0.75 <= sum("=" in r["response"] for r in number) / len(number) <= 0.85
+    share = sum("=" in r["response"] for r in number) / len(number)
+    assert DEMO_IGNORES_NUMBER_INSTRUCTION > 0.5 and abs(share - DEMO_IGNORES_NUMBER_INSTRUCTION) <= 0.04, share
 
 
 def test_pref_pairs_and_label_noise() -> None:
