@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -159,7 +160,7 @@ def save_checkpoint(
             os.makedirs(save_dir, exist_ok=True)
             for entry in os.listdir(save_dir):  # leftovers of saves that were killed
                 if entry.endswith(".tmp") and os.path.isdir(os.path.join(save_dir, entry)):
-                    shutil.rmtree(os.path.join(save_dir, entry))
+                    _remove_tree(os.path.join(save_dir, entry))
             os.makedirs(os.path.join(tmp, "ranks"))
             for role in models:
                 os.makedirs(os.path.join(tmp, role))
@@ -207,7 +208,7 @@ def save_checkpoint(
             meta["files"] = integrity.collect_manifest(tmp, torch.distributed.get_world_size())
             _write_text_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1, default=str))
             if os.path.isdir(final):  # re-saving the same step: move the old one out of the way first
-                shutil.rmtree(final)
+                _remove_tree(final)
             os.rename(tmp, final)
             maybe_fault("save_before_latest")
             _write_text_atomic(os.path.join(save_dir, LATEST), name)
@@ -217,6 +218,17 @@ def save_checkpoint(
             _apply_retention(save_dir, keep_last, keep=name)
     _agree_on_save(error, step, save_dir, name)
     return final
+
+
+def _remove_tree(path: str) -> None:
+    """``shutil.rmtree`` whose error names the whole path of what could not be removed (its own names only the entry,
+    relative to the directory it was in: 'Permission denied: __0_0.distcp')."""
+
+    def named(_func: Any, where: str, exc: Any) -> None:
+        exc = exc[1] if isinstance(exc, tuple) else exc  # onerror passes sys.exc_info(), onexc the exception
+        raise OSError(exc.errno, exc.strerror, where) from None
+
+    shutil.rmtree(path, **({"onexc": named} if sys.version_info >= (3, 12) else {"onerror": named}))
 
 
 def _rank_messages(message: str | None) -> list[str]:
@@ -279,7 +291,9 @@ def _agree_on_save(error: BaseException | None, step: int, save_dir: str, name: 
     ``.tmp`` directory, or a renamed one 'latest' does not name yet) and every rank raises the same CheckpointError.
     (A rank whose torch DCP write failed alongside the coordinator's only knows 'the write failed'; the coordinator,
     the lowest rank, carries the details, so the first non-empty reason is taken.)"""
-    messages = _rank_messages(_io_reason(error, save_dir)[1] if error is not None else None)
+    user = safe_load.user_error(error) if error is not None else None  # e.g. a damaged shard a conversion reads
+    reason = str(user) if user is not None else _io_reason(error, save_dir)[1] if error is not None else None
+    messages = _rank_messages(reason)
     failed = [r for r, m in enumerate(messages) if m]
     if not failed:
         return
@@ -291,10 +305,8 @@ def _agree_on_save(error: BaseException | None, step: int, save_dir: str, name: 
         if _tracked(save_dir) != name:
             shutil.rmtree(final, ignore_errors=True)
     comm.barrier()  # the cleanup is done before anyone reports (or a supervisor restarts the job)
-    from mrlhf.errors import MrlhfError
-
-    if isinstance(error, MrlhfError):  # already one line naming its file (e.g. an HF source a conversion streams)
-        raise error
+    if user is not None:  # already one line naming its file (an HF source or a checkpoint a conversion streams)
+        raise user
     previous = _tracked(save_dir)
     keep = f"'latest' still names {previous}" if previous else "no earlier checkpoint exists"
     where = f" (rank {failed[0]})" if len(messages) > 1 else ""
@@ -426,9 +438,9 @@ def _check_role_dir(role_dir: str) -> None:
 def _root_cause(e: BaseException, what: str) -> CheckpointError:
     """The CheckpointError a rank raised inside torch DCP (it comes back wrapped in a CheckpointException, the same
     on every rank), or one line for anything else."""
-    for _, (exc, _tb) in sorted(getattr(e, "failures", {}).items()):
-        if isinstance(exc, MrlhfError):
-            return CheckpointError(str(exc))
+    user = safe_load.user_error(e)
+    if user is not None:
+        return CheckpointError(str(user))
     for _, (exc, _tb) in sorted(getattr(e, "failures", {}).items()):
         lines = str(exc).strip().splitlines()
         return CheckpointError(f"{what}: {type(exc).__name__}: {lines[0] if lines else ''}")

@@ -180,6 +180,11 @@ def verify_file(path: str) -> None:
     verify_files([path])
 
 
+def verifying() -> bool:
+    """Whether loads check content hashes (see :func:`set_verify`)."""
+    return _state["verify"]
+
+
 def _digest_entry(path: str, step: str, entry: dict) -> dict:
     """``entry`` with ``sha256`` as a list of piece digests. A single string is one digest of the whole file (the
     ``sha256sum``; early manifests wrote that); anything else is a damaged manifest, named as such -- not the file."""

@@ -11,17 +11,21 @@ inspection):
 - ``.metadata`` goes through :class:`MetadataUnpickler`, which builds only the DCP metadata records, ``torch.Size``,
   dtypes and layouts; any other global (``os.system``, ``builtins.eval``, a class with a ``__reduce__``) is refused
   before it is looked up, naming the file;
-- byte items and ``common.pt`` load with ``torch.load(weights_only=True)`` (tensors, containers, numbers, strings);
+- byte items and ``common.pt`` load with ``torch.load(weights_only=True)`` onto the CPU (tensors, containers, numbers,
+  strings);
+- Transformer Engine's ``_extra_state`` byte items hold a second serialization that TE's ``set_extra_state`` unpickles
+  itself (TE 1.x: a ``BytesIO`` of ``torch.save(state)``; TE 2.x: a uint8 tensor of ``pickle.dumps(state)``; the state
+  is FP8 scales and amax histories, python scalars and TE's recipe records). :func:`sanitize_extra_state` reads that
+  inner state with the same restrictions (:class:`ExtraStateUnpickler` for the pickled form) and hands TE a fresh
+  serialization of what it read, so TE never unpickles bytes from the file;
 - tensor data was already read with ``weights_only=True`` by torch; the per-rank ``ranks/*.pt`` files are read the
   same way by :mod:`mrlhf.checkpoint`.
 
 The replaced readers also check what they read: sizes and hashes against the integrity manifest
 (:mod:`mrlhf.integrity`), shard files the metadata points at (present, long enough, inside the directory), and
 every failure becomes one :class:`CheckpointError` naming the file -- instead of a traceback, or torch's
-``CheckpointException`` (a ``BaseException``, which ``except Exception`` does not catch).
-
-Known gap: Transformer Engine layers (GPU runs only) unpickle their own ``_extra_state`` bytes inside
-``set_extra_state``; the local layers mrlhf uses without TE store none.
+``CheckpointException`` (a ``BaseException``, which ``except Exception`` does not catch; :func:`user_error` finds the
+CheckpointError a reader raised inside one, however deeply DCP nested it).
 """
 
 from __future__ import annotations
@@ -182,14 +186,105 @@ def _load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
 
     fqn = read_item.dest_index.fqn
     try:
-        obj = torch.load(value, weights_only=True)
+        # on the CPU: a byte item saved on a GPU must not need one (or land on it) to be read; BytesIO is TE 1.x's
+        # _extra_state, whose contents sanitize_extra_state reads
+        with torch.serialization.safe_globals([io.BytesIO]):
+            obj = torch.load(value, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"saved object '{fqn}' holds more than tensors and plain data ({_refused_global(e)}); "
                               "refused to unpickle it (it may be an attack)") from None  # fmt: skip
+    obj = sanitize_extra_state(obj, fqn)
     if self.flatten_state_dict:
         set_element(self.original_state_dict, self.mappings[fqn], obj)
     else:
         self.state_dict[fqn] = obj
+
+
+TE_RECIPE = "transformer_engine.common.recipe"
+EXTRA_STATE_ALLOWED: dict[str, set[str]] = {
+    "torch._utils": {"_rebuild_tensor_v2"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+    TE_RECIPE: {"DelayedScaling", "Float8CurrentScaling", "MXFP8BlockScaling", "Float8BlockScaling",
+                "NVFP4BlockScaling", "Format", "_FormatHelper", "_OverrideLinearPrecision", "MMParams", "QParams"},
+}  # fmt: skip
+"""Globals TE's pickled ``_extra_state`` may name: tensors, and the plain records (dataclasses, enums, named tuples)
+of TE's FP8 recipes. A recipe holding a function (``amax_compute_algo=<callable>``, ``CustomRecipe``) is refused."""
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    """What a pickled tensor's storage names (``torch.storage._load_from_bytes``, which is ``torch.load`` with
+    ``weights_only=False``), read the safe way."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class ExtraStateUnpickler(pickle.Unpickler):
+    """Unpickles the state TE 2.x pickles into its ``_extra_state`` tensor, refusing every global outside
+    :data:`EXTRA_STATE_ALLOWED` (and tensor storages read with ``weights_only=True``)."""
+
+    def __init__(self, file: Any, what: str) -> None:
+        super().__init__(file)
+        self.what = what
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if name not in EXTRA_STATE_ALLOWED.get(module, ()):
+            raise CheckpointError(
+                f"saved object {self.what} names '{module}.{name}': Transformer Engine's FP8 state holds only "
+                "tensors, numbers and recipe records; refused to unpickle it (it may be an attack)"
+            )
+        try:
+            return super().find_class(module, name)
+        except ImportError:
+            raise CheckpointError(f"saved object {self.what} holds Transformer Engine FP8 state ('{module}.{name}'), "
+                                  "and transformer_engine is not installed") from None  # fmt: skip
+
+
+def sanitize_extra_state(obj: Any, fqn: str) -> Any:
+    """``obj`` (a loaded byte item; megatron saves a list of objects) with every Transformer Engine extra state in it
+    read safely and serialized afresh in the same format: TE's ``set_extra_state`` then unpickles bytes written here
+    from plain records, never the file's (which the restricted readers parse, but a second, unrestricted reader of
+    the same bytes is an attack surface of its own). Anything else is returned as it is."""
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(sanitize_extra_state(x, fqn) for x in obj)
+    what = f"'{fqn}'"
+    try:
+        if isinstance(obj, io.BytesIO):  # TE 1.x: torch.save(state)
+            state = torch.load(io.BytesIO(obj.getvalue()), map_location="cpu", weights_only=True)
+            fresh = io.BytesIO()
+            torch.save(state, fresh)
+            fresh.seek(0)
+            return fresh
+        if isinstance(obj, torch.Tensor) and obj.dtype == torch.uint8 and obj.numel() and "_extra_state" in fqn:
+            state = ExtraStateUnpickler(io.BytesIO(obj.numpy().tobytes()), what).load()  # TE 2.x: pickle.dumps(state)
+            return torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)
+    except MrlhfError:
+        raise
+    except Exception as e:  # torch's refusal is an UnpicklingError too; anything else is damaged bytes
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"saved object {what} holds Transformer Engine state with more than tensors and plain data "
+                f"({_refused_global(e)}); refused to unpickle it (it may be an attack)"
+            ) from None
+        raise CheckpointError(f"saved object {what}: damaged Transformer Engine state ({_first_line(e)})") from None
+    return obj
+
+
+def user_error(e: BaseException) -> MrlhfError | None:
+    """The MrlhfError a checkpoint reader or writer raised inside torch DCP: DCP hands it back wrapped in its
+    ``CheckpointException`` (``failures``: rank -> (exception, traceback)), and twice when a read runs inside a save
+    (resharding reads each source shard while DCP writes the target). The lowest rank's, so every rank finds the
+    same one; None when the failure is not such an error."""
+    if isinstance(e, MrlhfError):
+        return e
+    for _, (exc, _tb) in sorted((getattr(e, "failures", None) or {}).items()):
+        found = user_error(exc)
+        if found is not None:
+            return found
+    return None
 
 
 def _load_common(self, checkpoint_dir: Any) -> Any:

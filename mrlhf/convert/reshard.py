@@ -73,11 +73,23 @@ def _reshard_rank(rank: int, cfg_dict: dict, path: str, meta: dict, vocab: int, 
 
 def inspect_checkpoint(ckpt: str) -> str:
     """A readable report: step, layout, roles, tokenizer, origin, model config and every tensor's global shape and
-    dtype, read from dist_checkpointing metadata (no model is built, no process group is needed)."""
+    dtype, read from dist_checkpointing metadata (no model is built, no process group is needed). Every file of the
+    integrity manifest is verified first (``integrity.set_verify(False)``: sizes only)."""
     from megatron.core import dist_checkpointing
+
+    from mrlhf import integrity
 
     root, path = resolve_checkpoint(ckpt)
     meta = read_meta(path)
+    files = integrity.manifest(path)
+    if files is None:
+        checked = "no manifest (saved before mrlhf wrote hashes): nothing to verify"
+    else:  # every file the save wrote, hashed in parallel; the first mismatch is a one-line CheckpointError
+        listed = sorted(files) if isinstance(files, dict) else []
+        integrity.verify_files([os.path.join(path, rel) for rel in listed])
+        size = sum(int(e.get("size", 0)) for e in files.values() if isinstance(e, dict)) if listed else 0
+        how = "sha256 verified" if integrity.verifying() else "sizes only (verification off)"
+        checked = f"{len(listed)} files, {size / 2**20:.1f} MiB: {how}"
     layout = meta.get("layout", {})
     tok = meta.get("tokenizer") or {}
     lines = [
@@ -85,6 +97,7 @@ def inspect_checkpoint(ckpt: str) -> str:
         f"step         {meta.get('step')}   saved {meta.get('saved_at', '?')}",
         f"layout       tp={layout.get('tp')} pp={layout.get('pp')} dp={layout.get('dp')}",
         f"roles        {', '.join(meta.get('roles', []))}",
+        f"integrity    {checked}",
         f"tokenizer    hash {meta.get('tokenizer_hash') or '-'}"
         + (f"   files {os.path.join(root, tok['dir'])}: {', '.join(tok.get('files', []))}" if tok.get("dir") else ""),
     ]

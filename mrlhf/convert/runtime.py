@@ -59,8 +59,12 @@ def _child(fn: Callable, rank: int, world: int, port: int, results, args: tuple)
     except MrlhfError as e:
         results.put((rank, "user", str(e)))
         code = 1
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
+    except BaseException as e:
+        # torch DCP hands back what its readers raised (a damaged shard, a refused pickle) inside its own exception
+        from mrlhf.safe_load import user_error
+
+        user = user_error(e)
+        results.put((rank, "user", str(user)) if user is not None else (rank, "error", traceback.format_exc()))
         code = 1
     finally:
         from mrlhf.parallel.state import destroy_distributed
@@ -104,7 +108,8 @@ def _large_blocks_to_mmap(threshold: int = 1 << 20) -> None:
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """``fn(rank, *args)`` on ``world_size`` forked ranks (RANK/WORLD_SIZE/MASTER_* set, gloo via
-    ``init_distributed``); returns results by rank. A rank's MrlhfError comes back as a ConversionError."""
+    ``init_distributed``); returns results by rank. A rank's MrlhfError (also one raised inside torch DCP) comes back
+    as a ConversionError with the same one-line message."""
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = _free_port()

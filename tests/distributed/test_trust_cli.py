@@ -1,7 +1,7 @@
 """Checkpoint failures through the real commands: a damaged checkpoint is one line and exit 2; a full or read-only
-disk at save time is one line and exit 2 with 'latest' still loadable; killing a trainer leaves no process behind;
-a torchrun layout error is printed once, the root cause exits 2 and no rank exits otherwise (torchrun may stop a
-slower rank with SIGTERM first)."""
+disk, or a directory the trainer may not write into (EACCES), at save time is one line and exit 2 with 'latest' still
+loadable; killing a trainer leaves no process behind; a torchrun layout error is printed once, the root cause exits 2
+and no rank exits otherwise (torchrun may stop a slower rank with SIGTERM first)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import psutil
 import pytest
 from harness import run_ranks
 from sft_runs import ROOT, TINY, overrides, sft_rank
-from trust_runs import resume_rank, truncate
+from trust_runs import one_error_line, resume_rank, truncate
 
 RUN = ["training.train_steps=4", "checkpoint.save_interval=2", "training.eval_samples=8"]
 PY = sys.executable
@@ -26,14 +26,6 @@ PY = sys.executable
 def cli(*args: str, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "mrlhf.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           **kw)  # fmt: skip
-
-
-def one_error_line(proc: subprocess.CompletedProcess, prefix: str = "mrlhf: error:") -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +101,73 @@ def test_full_or_read_only_disk_at_save_is_one_line_and_latest_stays_loadable(ru
     # and the kept checkpoint resumes (integrity-checked) once the disk is usable again
     resumed = run_ranks(resume_rank, 1, str(run_dir), RUN + [f"checkpoint.save_dir={after}"])
     assert len(resumed[0]["losses"]) == 2, resumed
+
+
+# Runs a command under permission bits even as root (the tests' usual user, for whom chmod stops nothing): drops
+# CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER from the capability bounding set, then execs the command, which
+# (still uid 0, still the owner of every file here) then has none of them. Without root it changes nothing.
+WITHOUT_DAC_OVERRIDE = """
+import ctypes, os, sys
+if os.geteuid() == 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):
+        if libc.prctl(24, cap, 0, 0, 0):  # PR_CAPBSET_DROP
+            sys.exit(f"cannot drop capability {cap}: {os.strerror(ctypes.get_errno())}")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def _under_permission_bits(*cmd: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-c", WITHOUT_DAC_OVERRIDE, *cmd], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def _tree(path) -> list[tuple[str, int]]:
+    return sorted((os.path.relpath(os.path.join(d, f), path), os.path.getsize(os.path.join(d, f)))
+                  for d, _, fs in os.walk(path) for f in fs)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["save_dir", "old step dir"])
+def test_permission_denied_at_save_is_one_line_and_latest_stays_loadable(where, run_dir, tmp_path):
+    """EACCES, from the kernel: save_dir not writable (the save cannot create step_4.tmp), or a step_4 left by an
+    earlier run that 'latest' does not name and whose files cannot be removed (the save wrote step_4.tmp in full and
+    fails replacing it)."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    probe = _under_permission_bits(PY, "-c", f"open('{locked}/x', 'w')")
+    locked.chmod(0o755)
+    if probe.returncode == 0:
+        pytest.skip("cannot make a directory unwritable for a child process here")
+    assert "PermissionError" in probe.stderr, probe.stderr
+    ckpts = run_dir / "checkpoints"
+    if where == "save_dir":
+        target = ckpts
+    else:
+        shutil.copytree(ckpts / "step_00000002", ckpts / "step_00000004")
+        target = ckpts / "step_00000004" / "actor"
+    before = _tree(ckpts)
+    target.chmod(0o555)
+    try:
+        proc = _under_permission_bits(PY, "-m", "mrlhf.cli", "sft", "--config", TINY, *overrides(str(run_dir), {}, RUN))
+    finally:
+        target.chmod(0o755)
+    line = one_error_line(proc)
+    assert "cannot save checkpoint step 4" in line and "Permission denied" in line, line
+    assert "'latest' still names step_00000002 and this save's partial files were removed" in line, line
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    if where == "save_dir":
+        assert f"({ckpts}/step_00000004.tmp)" in line, line
+        assert _tree(ckpts) == before  # nothing written, nothing removed
+        return
+    assert f"({ckpts}/step_00000004/actor/" in line, line  # the file that could not be removed, by its whole path
+    assert not [e for e in os.listdir(ckpts) if e.endswith(".tmp")]  # the save's own files are gone
+    assert [f for f in _tree(ckpts) if f[0].startswith("step_00000002/")] == [
+        f for f in before if f[0].startswith("step_00000002/")
+    ]
+    # and the kept checkpoint resumes (integrity-checked) and saves step 4 once the old one can be replaced
+    resumed = run_ranks(resume_rank, 1, str(run_dir), RUN)
+    assert len(resumed[0]["losses"]) == 2, resumed
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import subprocess
 
 import torch
 from sft_runs import TINY, overrides, sft_rank
@@ -22,6 +23,15 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def one_error_line(proc: subprocess.CompletedProcess, prefix: str = "mrlhf: error:") -> str:
+    """The one line a failed command printed (exit code 2, no traceback, nothing else on stderr)."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr
+    return lines[0]
 
 
 def _guard(fn, *args) -> dict:

@@ -3,17 +3,23 @@ config comparison, numeric config validation, and readable positions of bad JSON
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import io
 import json
 import os
 import pickle
 import subprocess
 import sys
+import types
+import zipfile
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import torch
 
-from mrlhf import integrity
+from mrlhf import integrity, safe_load
 from mrlhf.checkpoint import _io_reason, config_changes, read_meta
 from mrlhf.config import load_config
 from mrlhf.data.formats import iter_records
@@ -120,6 +126,182 @@ def test_truncated_metadata_and_shard_name_the_file(tmp_path):
     (role / "__0_0.distcp").unlink()
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp: shard file is missing"):
         read_dcp_metadata(str(role))
+
+
+def _byte_item(value) -> bytes:
+    """A .distcp byte item as megatron writes it: ``torch.save`` of the list of a ShardedObject's data."""
+    buf = io.BytesIO()
+    torch.save([value], buf)
+    return buf.getvalue()
+
+
+def _load_byte_item(raw: bytes, fqn: str = "layer._extra_state/shard_0_1"):
+    """What the installed ``DefaultLoadPlanner.load_bytes`` makes of one byte item."""
+    planner = types.SimpleNamespace(flatten_state_dict=False, state_dict={})
+    item = types.SimpleNamespace(dest_index=types.SimpleNamespace(fqn=fqn))
+    safe_load._load_bytes(planner, item, io.BytesIO(raw))
+    return planner.state_dict[fqn]
+
+
+def test_byte_item_saved_on_a_gpu_loads_onto_the_cpu():
+    """A tensor in a byte item whose storage is tagged 'cuda:0' (as torch.save writes it on a GPU): read onto the CPU,
+    which needs no GPU (without map_location torch refuses on a CPU-only machine) and never lands on one."""
+    raw = _byte_item(torch.arange(4.0))
+    src = zipfile.ZipFile(io.BytesIO(raw))
+    pkl = next(n for n in src.namelist() if n.endswith("data.pkl"))
+    tagged = src.read(pkl).replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+    assert b"cuda:0" in tagged
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, tagged if name == pkl else src.read(name))
+    (value,) = _load_byte_item(out.getvalue(), "layer.some_object/shard_0_1")
+    assert value.device.type == "cpu" and torch.equal(value, torch.arange(4.0))
+
+
+# Transformer Engine's _extra_state, written the way TE writes it (TE is not installed here). TE 1.x:
+# ``get_extra_state`` returns ``io.BytesIO`` of ``torch.save(state)`` and ``set_extra_state`` does ``torch.load`` of it;
+# TE 2.x returns ``torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)`` and ``pickle.loads`` it.
+# ``state``: FP8 scales and amax histories, ``extra_fp8_variables`` (python scalars of fp8_meta) and, from TE 2.x,
+# the recipe: a dataclass of transformer_engine.common.recipe, whose stand-ins below pickle under TE's names.
+
+
+class _FormatHelper(NamedTuple):
+    max_fwd: float
+    max_bwd: float
+
+
+class Format(enum.Enum):
+    E4M3 = _FormatHelper(max_fwd=448, max_bwd=448)
+    HYBRID = _FormatHelper(max_fwd=448, max_bwd=57344)
+
+
+@dataclasses.dataclass
+class DelayedScaling:
+    margin: int = 0
+    fp8_format: Format = Format.HYBRID
+    amax_history_len: int = 1024
+    amax_compute_algo: Any = "max"
+    reduce_amax: bool = True
+
+
+@pytest.fixture
+def te_recipe(monkeypatch):
+    module = types.ModuleType(safe_load.TE_RECIPE)
+    for cls in (_FormatHelper, Format, DelayedScaling):
+        monkeypatch.setattr(cls, "__module__", module.__name__)
+        setattr(module, cls.__name__, cls)
+    for name in ("transformer_engine", "transformer_engine.common"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module
+
+
+def fp8_state(recipe: bool) -> dict:
+    state = {
+        "scale_fwd": torch.tensor([1.0, 0.5, 2.0]), "scale_inv_fwd": torch.tensor([1.0, 2.0, 0.5]),
+        "amax_history_fwd": torch.rand(16, 3), "amax_history_index_fwd": torch.tensor([3], dtype=torch.int32),
+        "scale_bwd": torch.ones(2), "scale_inv_bwd": torch.ones(2), "amax_history_bwd": torch.rand(16, 2),
+        "extra_fp8_variables": {"fp8_checkpoint": True, "num_gemms": 1, "fp8_max_fwd": 448.0,
+                                "fp8_max_bwd": 57344.0, "autocast_id_fwd": 7, "autocast_id_fwd_stack": [7]},
+    }  # fmt: skip
+    return state | ({"recipe": DelayedScaling(margin=1, amax_history_len=16)} if recipe else {})
+
+
+def te_extra_state(version: int, state: Any):
+    if version == 1:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return buf
+    return torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)
+
+
+def te_set_extra_state(value) -> Any:
+    """How TE decodes what it gets back (TE 1.x: onto its GPU; here the CPU)."""
+    if isinstance(value, io.BytesIO):
+        value.seek(0)
+        return torch.load(value, map_location="cpu", weights_only=False)
+    return pickle.loads(value.numpy().tobytes())
+
+
+def dcp_round_trip(tmp_path: Path, extra_state) -> list:
+    """A torch DCP checkpoint holding one weight and one TE ``_extra_state`` byte item (megatron's list of objects),
+    loaded through the installed readers (.metadata allow-list, shard checks, byte items)."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+
+    role = tmp_path / "step_00000001" / "actor"
+    sd = {"layer.weight": torch.arange(6.0), "layer._extra_state": [extra_state]}
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(role)), planner=DefaultSavePlanner(flatten_state_dict=False),
+             no_dist=True)  # fmt: skip
+    out = {"layer.weight": torch.empty(6), "layer._extra_state": None}
+    try:
+        dcp.load(out, storage_reader=dcp.FileSystemReader(str(role)), no_dist=True,
+                 planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False))  # fmt: skip
+    except CheckpointException as e:  # a BaseException around the reader's error, as checkpoint.load_model sees it
+        raise safe_load.user_error(e) or e from None
+    assert torch.equal(out["layer.weight"], torch.arange(6.0))
+    return out["layer._extra_state"]
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["te1-bytesio", "te2-uint8"])
+def test_transformer_engine_extra_state_loads_through_the_allow_list(version, te_recipe, tmp_path):
+    state = fp8_state(recipe=version == 2)
+    (value,) = dcp_round_trip(tmp_path, te_extra_state(version, state))
+    assert isinstance(value, io.BytesIO if version == 1 else torch.Tensor)  # the format TE's set_extra_state takes
+    got = te_set_extra_state(value)
+    assert got.keys() == state.keys() and got["extra_fp8_variables"] == state["extra_fp8_variables"]
+    for key, want in state.items():
+        if isinstance(want, torch.Tensor):
+            assert torch.equal(got[key], want), key
+    assert version == 1 or got["recipe"] == state["recipe"]
+    # without FP8, TE 1.x saves torch.save(None); TE 2.x pickle.dumps(None) or an empty tensor
+    for empty in [te_extra_state(version, None)] + ([torch.empty(0, dtype=torch.uint8)] if version == 2 else []):
+        (value,) = _load_byte_item(_byte_item(empty))
+        assert (isinstance(value, torch.Tensor) and value.numel() == 0) or te_set_extra_state(value) is None
+
+
+class _StorageFromBytes:
+    """Pickles as a tensor storage does (``torch.storage._load_from_bytes``, a name the allow-list admits), with a
+    planted payload as the storage bytes."""
+
+    def __init__(self, marker: Path) -> None:
+        buf = io.BytesIO()
+        torch.save(Payload(marker), buf, _use_new_zipfile_serialization=False)
+        self.data = buf.getvalue()
+
+    def __reduce__(self):
+        from torch.storage import _load_from_bytes
+
+        return (_load_from_bytes, (self.data,))
+
+
+@pytest.mark.parametrize("case", ["te1", "te2", "te2-storage", "te2-recipe-callable"])
+def test_planted_payload_in_transformer_engine_extra_state_is_refused(case, te_recipe, tmp_path):
+    marker = tmp_path / "PWNED"
+    state = fp8_state(recipe=case != "te1")
+    if case == "te2-storage":
+        state["scale_fwd"] = _StorageFromBytes(marker)
+    elif case == "te2-recipe-callable":
+        state["recipe"] = DelayedScaling(amax_compute_algo=Payload(marker))
+    else:
+        state["extra_fp8_variables"]["fp8_group"] = Payload(marker)
+    with pytest.raises(CheckpointError, match="refused to unpickle") as info:
+        dcp_round_trip(tmp_path, te_extra_state(1 if case == "te1" else 2, state))
+    line = str(info.value)
+    assert str(tmp_path / "step_00000001" / "actor" / "__0_0.distcp") in line and "'layer._extra_state'" in line, line
+    assert "\n" not in line and not marker.exists()
+
+
+def test_a_reader_error_inside_nested_dcp_exceptions_is_found():
+    """Resharding reads source shards inside DCP's save: the reader's error comes back wrapped twice."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    inner = CheckpointException("read", {0: (CheckpointError("/ck/actor/__0_0.distcp: damaged"), None)})
+    outer = CheckpointException("write", {1: (RuntimeError("other rank"), None), 0: (inner, None)})
+    assert str(safe_load.user_error(outer)) == "/ck/actor/__0_0.distcp: damaged"
+    assert safe_load.user_error(CheckpointException("write", {0: (OSError(28, "No space"), None)})) is None
 
 
 # ---- item 2/3: integrity manifest ----

@@ -5,6 +5,7 @@ inputs; bad inputs fail with a message naming the file or field and leave no out
 stream (peak memory does not grow with the number of layers); the mapping's TP slices equal megatron's sharding.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -82,6 +83,8 @@ def test_bf16_sharded_input_and_output_round_trip(tmp_path):
     assert_same_tensors(hf_tensors(str(tmp_path / "hf")), hf_tensors(str(tmp_path / "back")))
     report = inspect_checkpoint(str(tmp_path / "ckpt"))
     assert "tp=2 pp=2" in report and "bfloat16" in report and "LlamaForCausalLM" in report
+    listed = len(json.loads(open(glob.glob(str(tmp_path / "ckpt" / "step_*" / "meta.json"))[0]).read())["files"])
+    assert f"integrity    {listed} files," in report and "sha256 verified" in report, report
 
 
 def test_pytorch_bin_input(tmp_path):
