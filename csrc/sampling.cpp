@@ -1,13 +1,22 @@
-// mrlhf._C: row_softmax_stats -- what greedy sampling needs from a [B, V] block of fp32 logits, in two passes over
-// each row: the row max, the first index holding it, and sum(exp(x - max)).
+// mrlhf._C: the sampler's CPU kernels (mrlhf/generation/sampling.py); mrlhf/ops/reference.py holds their twins.
 //
+// row_softmax_stats -- what greedy sampling needs from a [B, V] block of fp32 logits, in two passes over each row:
+// the row max, the first index holding it, and sum(exp(x - max)).
 // The sampler used to spend five torch ops on this (max, sub, exp, sum, plus the temporaries), ~0.4 ms per decode
 // step at batch 16 x vocab 8000 on two cores; this is one call. Under tensor parallelism each rank passes its vocab
-// slice and the sampler merges (max, sumexp) pairs across ranks (mrlhf/generation/sampling.py).
+// slice and the sampler merges (max, sumexp) pairs across ranks.
 //   max:    NaN if the row holds a NaN (like torch.max), -inf for an all -inf row;
 //   argmax: the lowest index of the max (the first NaN for a NaN row);
 //   sumexp: 0 for an all -inf row (exp(-inf) is taken as exactly 0), NaN for a NaN row.
-// mrlhf/ops/reference.py::row_softmax_stats is the twin.
+//
+// uniform_noise -- the U(0,1) noise [B, V] float64 of Gumbel-max sampling, a counter-based hash of (seed, sequence
+// id, step, global vocab id), bit for bit what the torch twin computes: splitmix64 in wrapping 64-bit arithmetic,
+// the top 53 bits m of the hash, (m + 0.5) / 2^53 in double. Every path gives the same bits: the u64 -> double
+// conversion is exact (m < 2^53), the + 0.5 is one IEEE add (it rounds to even above 2^52, as torch's does) and the
+// scale is a power of two. The twin spends ~17 int64/double torch ops over [B, V] temporaries on it; this is one
+// pass. The Gumbel transform -log(-log(u)) stays in torch: torch's double log comes from a vector math library
+// (MKL VML or SLEEF, by build) and differs from libm's log in the last bit for ~0.1% of u (measured), so a log here
+// could not promise the same samples.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
 
@@ -135,6 +145,92 @@ MRLHF_AVX2 RowStats row_avx2(const float* x, int64_t V) {
 }
 #endif
 
+// ---- uniform_noise ----
+
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull, kMul1 = 0xBF58476D1CE4E5B9ull, kMul2 = 0x94D049BB133111EBull;
+constexpr double kTwoM53 = 1.0 / 9007199254740992.0;  // 2^-53
+
+inline uint64_t splitmix64(uint64_t x) {
+  x += kGolden;
+  x = (x ^ (x >> 30)) * kMul1;
+  x = (x ^ (x >> 27)) * kMul2;
+  return x ^ (x >> 31);
+}
+
+inline double noise_one(uint64_t key, uint64_t vocab_id) {
+  return (static_cast<double>(splitmix64(key ^ vocab_id) >> 11) + 0.5) * kTwoM53;
+}
+
+// One row: out[j] = noise(key, v0 + j), j < V.
+void noise_row_portable(uint64_t key, uint64_t v0, int64_t V, double* out) {
+  for (int64_t j = 0; j < V; ++j) out[j] = noise_one(key, v0 + static_cast<uint64_t>(j));
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MRLHF_AVX512DQ __attribute__((target("avx512f,avx512dq")))
+
+// AVX-512DQ has the 64-bit multiply (vpmullq) and the exact u64 -> double conversion (vcvtuqq2pd).
+MRLHF_AVX512DQ void noise_row_avx512(uint64_t key, uint64_t v0, int64_t V, double* out) {
+  const __m512i k = _mm512_set1_epi64(static_cast<long long>(key)), step = _mm512_set1_epi64(8);
+  const __m512i golden = _mm512_set1_epi64(static_cast<long long>(kGolden));
+  const __m512i m1 = _mm512_set1_epi64(static_cast<long long>(kMul1));
+  const __m512i m2 = _mm512_set1_epi64(static_cast<long long>(kMul2));
+  const __m512d half = _mm512_set1_pd(0.5), scale = _mm512_set1_pd(kTwoM53);
+  __m512i id = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(v0)),
+                                _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t j = 0; j < V; j += 8) {
+    __m512i x = _mm512_add_epi64(_mm512_xor_si512(k, id), golden);
+    x = _mm512_mullo_epi64(_mm512_xor_si512(x, _mm512_srli_epi64(x, 30)), m1);
+    x = _mm512_mullo_epi64(_mm512_xor_si512(x, _mm512_srli_epi64(x, 27)), m2);
+    x = _mm512_srli_epi64(_mm512_xor_si512(x, _mm512_srli_epi64(x, 31)), 11);
+    const __m512d u = _mm512_mul_pd(_mm512_add_pd(_mm512_cvtepu64_pd(x), half), scale);
+    const __mmask8 m = V - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (V - j)) - 1);
+    _mm512_mask_storeu_pd(out + j, m, u);
+    id = _mm512_add_epi64(id, step);
+  }
+}
+
+// x * c mod 2^64 from 32 x 32 -> 64-bit products (AVX2 has no 64-bit multiply); c_lo/c_hi: c's halves per lane.
+MRLHF_AVX2 inline __m256i mul64_avx2(__m256i x, __m256i c_lo, __m256i c_hi) {
+  const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(x, 32), c_lo), _mm256_mul_epu32(x, c_hi));
+  return _mm256_add_epi64(_mm256_mul_epu32(x, c_lo), _mm256_slli_epi64(cross, 32));
+}
+
+MRLHF_AVX2 void noise_row_avx2(uint64_t key, uint64_t v0, int64_t V, double* out) {
+  const __m256i k = _mm256_set1_epi64x(static_cast<long long>(key)), step = _mm256_set1_epi64x(4);
+  const __m256i golden = _mm256_set1_epi64x(static_cast<long long>(kGolden));
+  const __m256i m1_lo = _mm256_set1_epi64x(kMul1 & 0xFFFFFFFFull), m1_hi = _mm256_set1_epi64x(kMul1 >> 32);
+  const __m256i m2_lo = _mm256_set1_epi64x(kMul2 & 0xFFFFFFFFull), m2_hi = _mm256_set1_epi64x(kMul2 >> 32);
+  // m < 2^53 to double, exactly: (2^84 + hi * 2^32) - (2^84 + 2^52) + (2^52 + lo), each term built from its bits
+  const __m256i lo_mask = _mm256_set1_epi64x(0xFFFFFFFFll);
+  const __m256i exp52 = _mm256_set1_epi64x(0x4330000000000000ll), exp84 = _mm256_set1_epi64x(0x4530000000000000ll);
+  const __m256d bias = _mm256_set1_pd(0x1.00000001p84);  // 2^84 + 2^52
+  const __m256d half = _mm256_set1_pd(0.5), scale = _mm256_set1_pd(kTwoM53);
+  __m256i id = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(v0)), _mm256_setr_epi64x(0, 1, 2, 3));
+  int64_t j = 0;
+  for (; j + 4 <= V; j += 4) {
+    __m256i x = _mm256_add_epi64(_mm256_xor_si256(k, id), golden);
+    x = mul64_avx2(_mm256_xor_si256(x, _mm256_srli_epi64(x, 30)), m1_lo, m1_hi);
+    x = mul64_avx2(_mm256_xor_si256(x, _mm256_srli_epi64(x, 27)), m2_lo, m2_hi);
+    x = _mm256_srli_epi64(_mm256_xor_si256(x, _mm256_srli_epi64(x, 31)), 11);
+    const __m256d hi = _mm256_castsi256_pd(_mm256_or_si256(_mm256_srli_epi64(x, 32), exp84));
+    const __m256d lo = _mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(x, lo_mask), exp52));
+    const __m256d m = _mm256_add_pd(_mm256_sub_pd(hi, bias), lo);
+    _mm256_storeu_pd(out + j, _mm256_mul_pd(_mm256_add_pd(m, half), scale));
+    id = _mm256_add_epi64(id, step);
+  }
+  noise_row_portable(key, v0 + static_cast<uint64_t>(j), V - j, out + j);
+}
+
+bool has_avx512dq() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512dq");
+  }();
+  return yes;
+}
+#endif
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_softmax_stats_cpu(const at::Tensor& logits) {
@@ -168,8 +264,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_softmax_stats_cpu(const at::T
   return {mx, arg, sums};
 }
 
+at::Tensor uniform_noise_cpu(int64_t seed, const at::Tensor& seq_ids, int64_t step, int64_t vocab_start,
+                             int64_t vocab_size) {
+  const char* op = "uniform_noise";
+  TORCH_CHECK(seq_ids.dim() == 1, op, ": seq_ids must be [B], got ", seq_ids.sizes());
+  TORCH_CHECK(seq_ids.scalar_type() == at::kLong, op, ": seq_ids must be int64, got ", seq_ids.scalar_type());
+  TORCH_CHECK(vocab_size >= 0, op, ": vocab_size must be >= 0, got ", vocab_size);
+  const at::Tensor ids = seq_ids.contiguous();
+  const int64_t B = ids.size(0), V = vocab_size;
+  at::Tensor out = at::empty({B, V}, ids.options().dtype(at::kDouble));
+  if (B == 0 || V == 0) return out;
+  const int64_t* pid = ids.const_data_ptr<int64_t>();
+  double* po = out.data_ptr<double>();
+  // int64 wraps like torch's: the arithmetic is done on the same bits as uint64
+  const uint64_t useed = static_cast<uint64_t>(seed), ustep = static_cast<uint64_t>(step);
+  const uint64_t v0 = static_cast<uint64_t>(vocab_start);
+  const CpuIsa isa = cpu_isa();
+#if defined(__x86_64__) || defined(_M_X64)
+  const bool avx512 = isa == CpuIsa::kAvx512 && has_avx512dq();  // the AVX-512 path needs DQ on top of F/BW/VL
+#endif
+  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / V), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint64_t key = splitmix64(splitmix64(static_cast<uint64_t>(pid[b]) * 1000003ull + useed) + ustep);
+      double* row = po + b * V;
+#if defined(__x86_64__) || defined(_M_X64)
+      if (avx512)
+        noise_row_avx512(key, v0, V, row);
+      else if (isa >= CpuIsa::kAvx2)
+        noise_row_avx2(key, v0, V, row);
+      else
+#endif
+        noise_row_portable(key, v0, V, row);
+    }
+  });
+  return out;
+}
+
 }  // namespace mrlhf
 
-TORCH_LIBRARY_FRAGMENT(mrlhf, m) { m.def("row_softmax_stats(Tensor logits) -> (Tensor, Tensor, Tensor)"); }
+TORCH_LIBRARY_FRAGMENT(mrlhf, m) {
+  m.def("row_softmax_stats(Tensor logits) -> (Tensor, Tensor, Tensor)");
+  m.def("uniform_noise(int seed, Tensor seq_ids, int step, int vocab_start, int vocab_size) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(mrlhf, CPU, m) { m.impl("row_softmax_stats", &mrlhf::row_softmax_stats_cpu); }
+TORCH_LIBRARY_IMPL(mrlhf, CPU, m) {
+  m.impl("row_softmax_stats", &mrlhf::row_softmax_stats_cpu);
+  m.impl("uniform_noise", &mrlhf::uniform_noise_cpu);
+}

@@ -3,7 +3,8 @@
 Each TP rank holds logits for global vocab ids ``[vocab_start, vocab_start + V_local)``. Greedy takes a local
 argmax and reduces (value, id) pairs over TP. Sampling is the Gumbel-max trick: ``argmax(logits / T + g)`` with
 noise ``g`` from a counter-based hash of (seed, sequence id, step, global vocab id) -- so the sample of a sequence
-is the same under any TP layout, microbatching or slot assignment, and every TP rank picks the same token.
+is the same under any TP layout, microbatching or slot assignment, and every TP rank picks the same token. The noise
+comes from ``mrlhf::uniform_noise`` on the CPU (bit-identical to its torch twin, which serves other devices).
 Top-k keeps the k largest logits (local top-k, gathered k*tp candidates); top-p keeps the smallest set of those
 candidates whose probability reaches p (exact when the nucleus lies within ``top_p_candidates`` tokens).
 
@@ -18,10 +19,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state as ps
 
-from mrlhf.ops.kv_ops import row_softmax_stats
+from mrlhf.ops.kv_ops import row_softmax_stats, uniform_noise
 from mrlhf.parallel import comm
-
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -37,26 +36,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """Vectorised splitmix64 on int64 (wrapping arithmetic; logical shifts emulated with masks)."""
-
-    def shr(v: torch.Tensor, n: int) -> torch.Tensor:
-        return (v >> n) & ((1 << (64 - n)) - 1)
-
-    x = x + (0x9E3779B97F4A7C15 - (1 << 64))
-    x = (x ^ shr(x, 30)) * (0xBF58476D1CE4E5B9 - (1 << 64))
-    x = (x ^ shr(x, 27)) * (0x94D049BB133111EB - (1 << 64))
-    return x ^ shr(x, 31)
-
-
-def uniform_noise(seed: int, seq_ids: torch.Tensor, step: int, vocab_ids: torch.Tensor) -> torch.Tensor:
-    """U(0,1) of shape [B, V_local], a pure function of (seed, sequence id, step, global vocab id)."""
-    key = _splitmix64(_splitmix64(seq_ids.long() * 1_000_003 + seed) + step)  # [B]
-    bits = _splitmix64(key[:, None] ^ vocab_ids.long()[None, :])  # [B, V_local]
-    mantissa = (bits >> 11) & ((1 << 53) - 1)  # 53 random bits
-    return (mantissa.double() + 0.5) / float(1 << 53)
 
 
 def _tp_size() -> int:
@@ -150,8 +129,11 @@ def sample_tokens(
             k = params.top_k if params.top_k > 0 else params.top_p_candidates
             threshold = _candidates_threshold(scaled, k, params.top_p)
             choice = scaled.masked_fill(scaled < threshold[:, None], float("-inf"))
-        vocab_ids = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=logits.device)
-        gumbel = -torch.log(-torch.log(uniform_noise(params.seed, seq_ids, step, vocab_ids)))
-        tokens = _global_argmax(choice.double() + gumbel.to(choice.device), vocab_start)
+        # Gumbel noise -log(-log(u)) [B, V_local] float64 and choice + g, in place: the same torch kernels as out of
+        # place, so the same bits, without six fresh [B, V] buffers (each one page-faulted in). The log stays
+        # torch's (csrc/sampling.cpp says why).
+        u = uniform_noise(params.seed, seq_ids, step, vocab_start, logits.shape[-1]).to(choice.device)
+        gumbel = u.log_().neg_().log_().neg_()
+        tokens = _global_argmax(gumbel.add_(choice), vocab_start)  # choice + g in double: fp32 -> fp64 is exact
     logprobs = gather_token_logits(scaled, tokens, vocab_start) - vocab_parallel_logsumexp(scaled)
     return tokens, logprobs

@@ -4,7 +4,8 @@
 ``decode_attention`` attends one new query token per sequence over its cache slots (flash-decoding split-K);
 ``decode_linear`` multiplies the few rows of a decode step by a weight matrix, streaming the weights once (CPU;
 BLAS is built for many rows and reads skinny products' weights at a fraction of the memory bandwidth);
-``row_softmax_stats`` gives greedy sampling its row max, argmax and sum of exponentials in one call (CPU).
+``row_softmax_stats`` gives greedy sampling its row max, argmax and sum of exponentials in one call (CPU);
+``uniform_noise`` makes the Gumbel-max sampler's counter-based U(0,1) noise in one pass (CPU, bit-identical).
 Each call goes to the compiled ``torch.ops.mrlhf.*`` operator when ``mrlhf._C`` is built and has a kernel for the
 tensors' device, otherwise to the pure-torch twin in ``mrlhf/ops/reference.py``.
 
@@ -83,6 +84,11 @@ if EXT_DEVICES:
         torch._check(logits.dim() == 2, lambda: f"row_softmax_stats: logits must be [B, V], got {tuple(logits.shape)}")
         b = logits.shape[0]
         return logits.new_empty((b,)), logits.new_empty((b,), dtype=torch.long), logits.new_empty((b,))
+
+    @torch.library.register_fake("mrlhf::uniform_noise")
+    def _uniform_noise_fake(seed, seq_ids, step, vocab_start, vocab_size) -> torch.Tensor:
+        torch._check(seq_ids.dim() == 1, lambda: f"uniform_noise: seq_ids must be [B], got {tuple(seq_ids.shape)}")
+        return seq_ids.new_empty((seq_ids.shape[0], vocab_size), dtype=torch.float64)
 
     @torch.library.register_fake("mrlhf::decode_attention")
     def _decode_attention_fake(q, k_cache, v_cache, starts, lengths, cos, sin, scale, num_splits) -> torch.Tensor:
@@ -191,3 +197,14 @@ def row_softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     if _CPU_KERNELS and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
         return torch.ops.mrlhf.row_softmax_stats(logits.contiguous())
     return reference.row_softmax_stats(logits)
+
+
+def uniform_noise(seed: int, seq_ids: torch.Tensor, step: int, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """The Gumbel-max sampler's noise: U(0,1) float64 [B, vocab_size] on ``seq_ids``' device, a pure function of
+    (seed, sequence id, step, global vocab id ``vocab_start + j``), so any TP layout or batching draws the same.
+
+    The compiled CPU kernel returns the torch twin's values bit for bit (same hash, same rounding); other devices use
+    the twin."""
+    if _CPU_KERNELS and seq_ids.device.type == "cpu":
+        return torch.ops.mrlhf.uniform_noise(seed, seq_ids.long(), step, vocab_start, vocab_size)
+    return reference.uniform_noise(seed, seq_ids, step, vocab_start, vocab_size)

@@ -1,4 +1,4 @@
-"""Pure-torch twin of the ``mrlhf._C`` KV-cache operators: the semantics, the test oracle and the fallback.
+"""Pure-torch twin of the ``mrlhf._C`` operators (KV cache, decode matmul, sampler): the semantics, the test oracle and the fallback.
 
 Same signatures as ``torch.ops.mrlhf.*``. Math is done in fp32 and rounded once to the tensors' dtype, which is
 what the C++/CUDA kernels do, so fp32 results agree to rounding and bf16/fp16 ones to one ulp.
@@ -109,3 +109,25 @@ def row_softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     neg_inf = x == float("-inf")
     sumexp = torch.where(neg_inf, torch.zeros_like(x), torch.exp(x - mx[:, None])).sum(dim=-1)
     return mx, arg, sumexp
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """Vectorised splitmix64 on int64 (wrapping arithmetic; logical shifts emulated with masks)."""
+
+    def shr(v: torch.Tensor, n: int) -> torch.Tensor:
+        return (v >> n) & ((1 << (64 - n)) - 1)
+
+    x = x + (0x9E3779B97F4A7C15 - (1 << 64))
+    x = (x ^ shr(x, 30)) * (0xBF58476D1CE4E5B9 - (1 << 64))
+    x = (x ^ shr(x, 27)) * (0x94D049BB133111EB - (1 << 64))
+    return x ^ shr(x, 31)
+
+
+def uniform_noise(seed: int, seq_ids: torch.Tensor, step: int, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """U(0,1) float64 [B, vocab_size] on ``seq_ids``' device, a pure function of (seed, sequence id [B], step, global
+    vocab id ``vocab_start + j``): the top 53 bits of a splitmix64 hash m, (m + 0.5) / 2^53. int64 math wraps."""
+    vocab_ids = torch.arange(vocab_start, vocab_start + vocab_size, device=seq_ids.device)
+    key = _splitmix64(_splitmix64(seq_ids.long() * 1_000_003 + seed) + step)  # [B]
+    bits = _splitmix64(key[:, None] ^ vocab_ids[None, :])  # [B, V]
+    mantissa = (bits >> 11) & ((1 << 53) - 1)  # 53 random bits
+    return (mantissa.double() + 0.5) / float(1 << 53)
