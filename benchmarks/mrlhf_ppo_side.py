@@ -4,7 +4,9 @@ Shape (the same as the TRL half): GPT-2 flavour, 4 layers, hidden 256, 4 heads, 
 role, 16 prompts of exactly 32 tokens, exactly 64 generated tokens (EOS ignored), 1 PPO epoch, 1 minibatch, fp32, one
 process. PPO builds all four roles (actor, reference, critic, reward model); GRPO builds actor, reference and reward
 model (4 prompts x 4 samples = 16 sequences, the TRL GRPO shape), scoring with the reward *model* where TRL's GRPO
-calls a Python reward function.
+calls a Python reward function. Old log-probs come from the rollout (``ppo.old_logprobs=rollout``), as in TRL's PPO
+(generation scores) and GRPO (num_iterations 1: the policy's own detached log-probs): neither runs a separate policy
+scoring pass.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def overrides(algo: str, prompts: str, out: str, iterations: int) -> list[str]:
         f"generation.micro_batch_size={BATCH}",
         f"ppo.estimator={'grpo' if grpo else 'gae'}", f"ppo.n_samples={4 if grpo else 1}", "ppo.ppo_epochs=1",
         "ppo.kl_coef=0.05", *(["ppo.kl_placement=loss", "ppo.kl_estimator=k3"] if grpo else []),
-        "ppo.num_minibatches=1", "ppo.offload_frozen=false", "checkpoint.enabled=false",
+        "ppo.num_minibatches=1", "ppo.old_logprobs=rollout", "ppo.offload_frozen=false", "checkpoint.enabled=false",
         "logging.progress_bar=false", "logging.tensorboard=false",
     ]  # fmt: skip
 

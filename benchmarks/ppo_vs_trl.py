@@ -75,12 +75,12 @@ def mrlhf_side(algo: str, iterations: int, warmup: int) -> dict:
 
 
 def iteration_flops(algo: str) -> float:
-    """Matmul FLOPs of one iteration of SHAPE[algo], counted at the minimum any implementation needs: forward
-    2 * params * tokens (backward twice that), the LM head only where a log-prob is used (response positions), causal
-    attention scores and values; generation = prefill + one decode step per further token. PPO: generation, actor
-    (old log-probs), reference, critic and reward forwards, actor and critic forward+backward (what TRL's PPO
-    iteration does too). GRPO as benchmarked here: generation, actor, reference and reward forwards, actor
-    forward+backward."""
+    """Matmul FLOPs of one TRL iteration of SHAPE[algo] (trl_side.py's docstring), counted at the minimum any
+    implementation needs: forward 2 * params * tokens (backward twice that), the LM head only where a log-prob is used
+    (response positions), causal attention scores and values; generation = prefill + one decode step per further
+    token. PPO: generation (whose log-probs are the old ones), reference, value and reward forwards, policy and value
+    forward+backward. GRPO: generation, reference forward, policy forward+backward (the reward is a Python function;
+    mrlhf's side runs a reward *model* forward on top, which this floor does not count)."""
     h, layers, vocab = SHAPE["hidden_size"], SHAPE["num_layers"], SHAPE["vocab"]
     prompt, resp = SHAPE["prompt_len"], SHAPE["response_len"]
     seqs = SHAPE[algo]["prompts"] * SHAPE[algo]["n_samples"]
@@ -95,8 +95,8 @@ def iteration_flops(algo: str) -> float:
     lm_forward = seqs * (2 * body * seq + 2 * head * resp + attn(seq))
     scalar_forward = seqs * (2 * body * seq + attn(seq))
     if algo == "ppo":
-        return gen + 2 * lm_forward + 2 * scalar_forward + 3 * lm_forward + 3 * scalar_forward
-    return gen + 2 * lm_forward + scalar_forward + 3 * lm_forward
+        return gen + lm_forward + 2 * scalar_forward + 3 * lm_forward + 3 * scalar_forward
+    return gen + lm_forward + 3 * lm_forward
 
 
 def matmul_rate(threads: int, reps: int = 20) -> float:

@@ -382,6 +382,12 @@ class PPOSection:
     """Passes over each rollout batch."""
     num_minibatches: int = 1
     """Optimizer steps per epoch; the rollout batch is split into this many minibatches."""
+    old_logprobs: str = "recompute"
+    """Where the ratio's old log-probs come from: 'recompute' (a forward-only actor pass over the finished sequences
+    at training microbatch shapes, exact) or 'rollout' (the log-probs the sampler computed while generating: one actor
+    forward less per iteration, what TRL's PPO does; here the rollout runs in the training layout, so they agree with
+    a training forward to ~1e-5 in fp32 -- watch logprob_mismatch_max, measured then on the first minibatch, in bf16).
+    """
     clip_low: float = 0.2
     """Policy ratio clip below 1 (ratio >= 1 - clip_low)."""
     clip_high: float = 0.2
@@ -477,6 +483,8 @@ class PPOSection:
             raise ConfigError(
                 f"ppo.loss_agg must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, got {self.loss_agg!r}"
             )
+        if self.old_logprobs not in ("recompute", "rollout"):
+            raise ConfigError(f"ppo.old_logprobs must be recompute or rollout, got {self.old_logprobs!r}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"ppo.kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
         if self.kl_placement not in ("reward", "loss"):

@@ -84,12 +84,14 @@ def score(
     exp: Experience, roles: dict, cfg: RunConfig, device: torch.device, last_stage: bool, on_resident=None
 ) -> torch.Tensor | None:
     """Fill old/ref log-probs, values and raw scores (last stage). Returns the actor's per-token entropy [b, W] on the
-    last stage (for metrics), else None. ``on_resident()`` runs while every role is on the device (memory report)."""
+    last stage (for metrics), else None (also with ``ppo.old_logprobs=rollout``: no actor pass runs here). ``on_resident()`` runs while every role is on the device (memory report)."""
     size, temp = cfg.training.micro_batch_size, cfg.generation.temperature
-    actor = roles["actor"]
-    actor.eval()
-    actor.set_lm_output(temp, entropy=True)
-    actor_out = _forward_rows(actor, exp, size, lambda o, mb: (o[0].float(), o[1].float()), cfg, device)
+    actor_out = None
+    if cfg.ppo.old_logprobs == "recompute":  # else the rollout's own log-probs serve (ppo.old_logprobs=rollout)
+        actor = roles["actor"]
+        actor.eval()
+        actor.set_lm_output(temp, entropy=True)
+        actor_out = _forward_rows(actor, exp, size, lambda o, mb: (o[0].float(), o[1].float()), cfg, device)
     frozen = [roles["reference"], roles["reward"]]
     for model in frozen:
         residency.reload(model, device)
@@ -107,11 +109,14 @@ def score(
         values_out = _forward_rows(roles["critic"], exp, size, lambda o, mb: o.float(), cfg, device)
     if not last_stage:
         return None
-    exp.old_logprobs = torch.cat([lp for lp, _ in actor_out]) * exp.action_mask
     exp.ref_logprobs = torch.cat(ref_out) * exp.action_mask
     exp.raw_scores = torch.cat(reward_out)
     if values_out is not None:
         exp.values = torch.cat(values_out) * exp.action_mask
+    if actor_out is None:
+        exp.old_logprobs = exp.rollout_logprobs.to(exp.action_mask.device) * exp.action_mask
+        return None  # entropy and the log-prob mismatch are measured by the update's first forwards instead
+    exp.old_logprobs = torch.cat([lp for lp, _ in actor_out]) * exp.action_mask
     return torch.cat([ent for _, ent in actor_out])
 
 

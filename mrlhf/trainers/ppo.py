@@ -242,7 +242,11 @@ def _global_counts(mask: torch.Tensor, device) -> tuple[float, float]:
     return tokens, seqs
 
 
-def actor_loss_fn(cfg: RunConfig, kl_coef: float, tokens: float, seqs: float, ptx_tokens: float, poison: bool):
+def actor_loss_fn(cfg: RunConfig, kl_coef: float, tokens: float, seqs: float, ptx_tokens: float, poison: bool,
+                  measure: int = 0, mismatch_max: list[torch.Tensor] | None = None):  # fmt: skip
+    """``measure`` (``ppo.old_logprobs=rollout``, where experience making ran no actor pass): 1 sums the entropy of
+    the first epoch's forwards, 2 (the first minibatch, still at the rollout's weights) also the |training - rollout|
+    log-prob mismatch, whose per-microbatch maxima go to ``mismatch_max``."""
     p = cfg.ppo
     const = p.loss_agg_constant or float(cfg.generation.max_new_tokens)
 
@@ -256,6 +260,14 @@ def actor_loss_fn(cfg: RunConfig, kl_coef: float, tokens: float, seqs: float, pt
             nll = -(logprobs * m).sum()
             return p.ptx_coef * nll / max(ptx_tokens, 1.0), {"ptx_nll_sum": nll.detach()}
         m = mb["loss_mask"]
+        measured: dict[str, torch.Tensor] = {}
+        if measure:
+            seen = mb["critic_mask"]  # response tokens of the rows with a finite reward, as experience_stats counts
+            measured = {"m_entropy_sum": (entropy.detach() * seen).sum(), "m_tokens": seen.sum()}
+            if measure == 2:
+                gap = (logprobs.detach() - mb["rollout_logprobs"]).abs() * seen
+                measured.update(m_mismatch_sum=gap.sum(), m_mismatch_tokens=seen.sum())
+                mismatch_max.append(gap.max() if gap.numel() else gap.new_zeros(()))
         pg, clipped, approx_kl = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], p.clip_low, p.clip_high,
                                              p.dual_clip)  # fmt: skip
         loss = agg(pg, m)
@@ -266,7 +278,7 @@ def actor_loss_fn(cfg: RunConfig, kl_coef: float, tokens: float, seqs: float, pt
         if poison:  # fault tests: this rank's loss is NaN
             loss = loss * float("nan")
         stats = {"pg_loss_sum": (pg.detach() * m).sum(), "clipped_sum": (clipped * m).sum(),
-                 "approx_kl_sum": (approx_kl * m).sum(), "actor_tokens": m.sum()}  # fmt: skip
+                 "approx_kl_sum": (approx_kl * m).sum(), "actor_tokens": m.sum(), **measured}  # fmt: skip
         return loss, stats
 
     return loss_fn
@@ -316,27 +328,31 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
     actor_total = max(1, (t.train_steps - p.critic_warmup_iterations) * steps_per_iter)
     critic_total = t.train_steps * steps_per_iter
     keys = ("old_logprobs", "advantages", "loss_mask") + (("ref_logprobs",) if p.kl_placement == "loss" else ())
+    from_rollout = p.old_logprobs == "rollout"
+    mismatch_max: list[torch.Tensor] = []
     sums: dict[str, torch.Tensor] = {}
     steps: dict[str, list[dict[str, float]]] = {"actor": [], "critic": []}
     actor, critic = run.roles["actor"], run.roles.get("critic")
     poison = nan_loss_requested(torch.distributed.get_rank(), run.state.step)
     iteration = run.state.step + 1
-    for _ in range(p.ppo_epochs):
+    for epoch in range(p.ppo_epochs):
         for k in range(p.num_minibatches):
             rows = minibatch_rows(exp, k, p.num_minibatches)
             if train_actor:
                 tokens = seqs = ptx_tokens = 0.0
                 if last:
                     tokens, seqs = _global_counts(exp.loss_mask[rows.to(exp.loss_mask.device)], ctx.device)
-                mbs = exp.microbatches(rows, t.micro_batch_size, keys if last else ())
+                measure = 0 if not (from_rollout and epoch == 0) else 2 if k == 0 else 1
+                more = ("critic_mask",) + (("rollout_logprobs",) if measure == 2 else ()) if measure else ()
+                mbs = exp.microbatches(rows, t.micro_batch_size, keys + more if last else ())
                 if run.ptx is not None:
                     extra_mbs = ptx_microbatches(run, cfg, ctx.device)
                     if last:
                         ptx_tokens, _ = _global_counts(torch.cat([m["loss_mask"] for m in extra_mbs]), ctx.device)
                     mbs += extra_mbs
                 actor.train()
-                actor.set_lm_output(cfg.generation.temperature, entropy=p.entropy_coef > 0)
-                loss_fn = actor_loss_fn(cfg, run.kl_ctl.value, tokens, seqs, ptx_tokens, poison)
+                actor.set_lm_output(cfg.generation.temperature, entropy=p.entropy_coef > 0 or measure > 0)
+                loss_fn = actor_loss_fn(cfg, run.kl_ctl.value, tokens, seqs, ptx_tokens, poison, measure, mismatch_max)
                 _sum_stats(forward_backward(actor, mbs, loss_fn, cfg.model.hidden_size, _dtype(actor), ctx.device), sums)
                 st = optimizer_step(actor, run.optimizers["actor"], cfg, extra["actor_updates"], total_steps=actor_total)
                 steps["actor"].append(st)
@@ -362,10 +378,16 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
                 if not st["skipped_step"]:
                     extra["critic_updates"] += 1
     keys_out = ("pg_loss_sum", "clipped_sum", "approx_kl_sum", "actor_tokens", "ptx_nll_sum", "value_loss_sum",
-                "value_clipped_sum", "critic_tokens")  # fmt: skip
+                "value_clipped_sum", "critic_tokens", "m_entropy_sum", "m_tokens", "m_mismatch_sum",
+                "m_mismatch_tokens")  # fmt: skip
     local = [float(sums.get(k, 0.0)) for k in keys_out] if last else [0.0] * len(keys_out)
     s = dict(zip(keys_out, reduce_last_stage_scalars(local)))
     out: dict[str, float] = {}
+    if from_rollout and train_actor:  # what experience making measures in 'recompute' mode
+        local_max = [float(torch.stack(mismatch_max).max()) if last and mismatch_max else 0.0]
+        (mx,) = reduce_last_stage_scalars(local_max, torch.distributed.ReduceOp.MAX)
+        out.update(entropy=s["m_entropy_sum"] / max(s["m_tokens"], 1.0), logprob_mismatch_max=mx,
+                   logprob_mismatch_mean=s["m_mismatch_sum"] / max(s["m_mismatch_tokens"], 1.0))  # fmt: skip
     if train_actor:
         n = max(s["actor_tokens"], 1.0)
         out.update(pg_loss=s["pg_loss_sum"] / n, clip_fraction=s["clipped_sum"] / n, approx_kl=s["approx_kl_sum"] / n)
@@ -392,7 +414,8 @@ EXP_KEYS = ("seqs", "valid", "raw_sum", "raw_sq", "score_sum", "score_sq", "len_
             "value_tokens")  # fmt: skip
 
 
-def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool) -> dict[str, float]:
+def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, measured_here: bool = True
+                     ) -> dict[str, float]:  # fmt: skip
     if not last:
         local = [0.0] * len(EXP_KEYS)
         mx = [0.0]
@@ -401,13 +424,13 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool) 
         vf = v.double()
         m = (exp.action_mask * vf[:, None].float()).double()
         raw, sc = exp.raw_scores.double(), exp.scores.double()
-        mismatch = (exp.rollout_logprobs - exp.old_logprobs).abs().double() * m
+        mismatch = (exp.rollout_logprobs.to(m.device) - exp.old_logprobs).abs().double() * m
         vals = {
             "seqs": float(exp.batch_size), "valid": vf.sum(), "raw_sum": (raw * vf).sum(), "raw_sq": (raw**2 * vf).sum(),
             "score_sum": (sc * vf).sum(), "score_sq": (sc**2 * vf).sum(),
             "len_sum": (exp.response_length.double() * vf).sum(), "truncated": (exp.truncated.double() * vf).sum(),
             "kl_sum": (exp.kl.double() * m).sum(), "tokens": m.sum(),
-            "entropy_sum": (entropy.double() * m).sum(), "mismatch_sum": mismatch.sum(),
+            "entropy_sum": (entropy.double() * m).sum() if entropy is not None else 0.0, "mismatch_sum": mismatch.sum(),
             "adv_sum": (exp.advantages.double() * m).sum(),
             "ret_sum": 0.0, "ret_sq": 0.0, "res_sum": 0.0, "res_sq": 0.0, "value_tokens": 0.0,
         }  # fmt: skip
@@ -432,6 +455,9 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool) 
         "logprob_mismatch_mean": s["mismatch_sum"] / tok, "logprob_mismatch_max": mismatch_max,
         "advantage_mean": s["adv_sum"] / tok, "dropped_samples": s["seqs"] - s["valid"],
     }  # fmt: skip
+    if not measured_here:  # ppo.old_logprobs=rollout: the update measures them (none during critic warm-up)
+        for k in ("entropy", "logprob_mismatch_mean", "logprob_mismatch_max"):
+            out.pop(k)
     if s["value_tokens"] > 0:
         vt = s["value_tokens"]
         var_r = std(s["ret_sq"], s["ret_sum"], vt) ** 2
@@ -534,7 +560,7 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
             entropy = score(exp, run.roles, cfg, device, last, report_resident if mem_due else None)
             if last:
                 shape(exp, cfg, run.kl_ctl.value, run.normalizer, reduce)
-        record = experience_stats(exp, entropy, last)
+        record = experience_stats(exp, entropy, last, p.old_logprobs == "recompute")
         total_seqs = int(record.pop("_global_seqs"))
         if record["dropped_samples"] > 0:
             warn_dropped(exp, run, batch, p.n_samples, total_seqs, last, device)

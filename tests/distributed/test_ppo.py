@@ -108,6 +108,25 @@ def test_rollout_logprobs_equal_training_logprobs(temperature, tmp_path):
         assert rec["clip_fraction"] == 0.0 and abs(rec["approx_kl"]) < 1e-9, (rec["clip_fraction"], rec["approx_kl"])
 
 
+def test_old_logprobs_from_the_rollout_match_the_recompute(tmp_path):
+    """ppo.old_logprobs=rollout skips experience making's actor pass: the update (2 epochs: the second reads the
+    rollout's log-probs as old ones) equals the recomputing run within the layout tolerance, at PP1 and PP2, and the
+    update's first forward measures entropy and the rollout/training mismatch in its place."""
+    extra = ["ppo.num_minibatches=1", "ppo.ppo_epochs=2"]
+    (ref,) = run_ranks(ppo_rank, 1, str(tmp_path / "recompute"), {}, extra)
+    for layout, world in (({}, 1), ({"pp": 2}, 2)):
+        results = run_ranks(ppo_rank, world, str(tmp_path / f"rollout{world}"), layout, extra + ["ppo.old_logprobs=rollout"])
+        for r in results:  # the KL (k1, in the reward) is read off the rollout's log-probs: see below
+            assert_records_match(r["records"], ref["records"], tuple(k for k in LOSSES if k != "kl_per_sequence"))
+        assert_params_match(results, ref)
+        rec = results[-1]["records"][0]
+        # per token k1 moves by at most the log-prob mismatch; a sequence has at most max_new_tokens (8) of them
+        kl_gap = abs(rec["kl_per_sequence"] - ref["records"][0]["kl_per_sequence"])
+        assert kl_gap <= 8 * rec["logprob_mismatch_max"] + 1e-12, (kl_gap, rec["logprob_mismatch_max"])
+        assert abs(rec["entropy"] - ref["records"][0]["entropy"]) <= REL_TOL * abs(ref["records"][0]["entropy"])
+        assert rec["logprob_mismatch_max"] <= 1e-5 and rec["logprob_mismatch_mean"] <= rec["logprob_mismatch_max"]
+
+
 def test_resume_mid_run_is_bitwise_equal(tmp_path):
     from sft_runs import set_fault
 

@@ -400,6 +400,13 @@ def test_validate_ppo_batches_ptx_batch_size_vs_dp() -> None:
     )
 
 
+def test_old_logprobs_source_is_validated() -> None:
+    assert ppo_cfg().ppo.old_logprobs == "recompute"  # exact by default
+    assert ppo_cfg("ppo.old_logprobs=rollout").ppo.old_logprobs == "rollout"
+    with pytest.raises(ConfigError, match="ppo.old_logprobs must be recompute or rollout, got 'generate'"):
+        ppo_cfg("ppo.old_logprobs=generate")
+
+
 def test_validate_world_ppo_accepts_fewer_prompts_than_micro_batch() -> None:
     # 4 prompts x 4 samples = 16 sequences per iteration; microbatches of 8 sequences: valid for PPO ...
     cfg = ppo_cfg("training.global_batch_size=4", "ppo.n_samples=4", "training.micro_batch_size=8")
