@@ -38,7 +38,8 @@ export PIP_CONSTRAINT="$constraints"
 
 # 2. Everything else, then mrlhf itself (builds mrlhf._C against the torch above).
 stamp="$venv/.mrlhf-setup-stamp"
-want="$(cat setup.py pyproject.toml requirements-dev.txt 2>/dev/null | sha1sum | cut -c1-40) $torch_ver"
+# the C++/CUDA sources are part of the stamp: a pull that changes csrc/ rebuilds mrlhf._C
+want="$(cat setup.py pyproject.toml requirements-dev.txt csrc/* 2>/dev/null | sha1sum | cut -c1-40) $torch_ver"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing build tools, dev requirements and mrlhf (editable)"
   "$vpy" -m pip install "${pip_q[@]}" setuptools wheel pybind11 numpy
