@@ -24,19 +24,7 @@ PY = sys.executable
 PROMPTS = os.path.join(ROOT, "mrlhf", "assets", "demo", "prompts_eval.jsonl")
 
 
-REUSE = {"on": False}
-
-
-def trained(out_dir: str) -> bool:
-    """With --reuse: the stage's run directory already holds a finished checkpoint (then it is judged, not rerun)."""
-    return REUSE["on"] and os.path.exists(os.path.join(out_dir, "checkpoints", "latest"))
-
-
 def run(args: list[str]) -> None:
-    if REUSE["on"] and "--config" in args:
-        out = next(a.split("=", 1)[1] for a in args if a.startswith("training.output_dir="))
-        if trained(out):
-            return
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([PY, "-m", "mrlhf.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -59,32 +47,37 @@ def data_overrides(assets: str | None, train: str, eval_: str) -> list[str]:
 
 
 def one_seed(seed: int, base: str, assets: str | None = None, skip: tuple[str, ...] = (),
-             extra: dict[str, list[str]] | None = None) -> dict[str, float]:  # fmt: skip
+             extra: dict[str, list[str]] | None = None, reuse: bool = False) -> dict[str, float]:  # fmt: skip
     d = os.path.join(base, f"seed{seed}")
-    s = [f"training.seed={seed}"]
     extra = extra or {}
     prompts = os.path.join(assets, "prompts_eval.jsonl") if assets else PROMPTS
     res: dict[str, float] = {}
     t0 = time.perf_counter()
-    run(["sft", "--config", "configs/sft_demo.yaml", *s, f"training.output_dir={d}/sft",
-         *data_overrides(assets, "sft_train.jsonl", "sft_eval.jsonl"), *extra.get("sft", [])])  # fmt: skip
+
+    def train(name: str, stage: str, config: str, *more: str) -> None:
+        """Run one stage into ``<d>/<name>``; with ``reuse``, a finished checkpoint there is kept (and judged)."""
+        out = f"{d}/{name}"
+        if reuse and os.path.exists(os.path.join(out, "checkpoints", "latest")):
+            return
+        run([stage, "--config", f"configs/{config}", f"training.seed={seed}", f"training.output_dir={out}", *more,
+             *extra.get(name, [])])  # fmt: skip
+
+    train("sft", "sft", "sft_demo.yaml", *data_overrides(assets, "sft_train.jsonl", "sft_eval.jsonl"))
     res["sft_judge"] = judge(f"{d}/sft/checkpoints", f"{d}/sft/eval.jsonl", prompts)
-    run(["rm", "--config", "configs/rm_demo.yaml", *s, f"training.output_dir={d}/rm",
-         f"checkpoint.load_dir={d}/sft/checkpoints", *data_overrides(assets, "pref_train.jsonl", "pref_eval.jsonl"),
-         *extra.get("rm", [])])  # fmt: skip
+    train("rm", "rm", "rm_demo.yaml", f"checkpoint.load_dir={d}/sft/checkpoints",
+          *data_overrides(assets, "pref_train.jsonl", "pref_eval.jsonl"))  # fmt: skip
     with open(f"{d}/rm/metrics.jsonl", encoding="utf-8") as f:
         res["rm_accuracy"] = [json.loads(line) for line in f][-1]["eval_accuracy"]
     for name, more in (("ppo", []), ("grpo", ["ppo.estimator=grpo", "ppo.n_samples=4", "training.global_batch_size=16"])):
         if name in skip:
             continue
-        run(["ppo", "--config", "configs/ppo_demo.yaml", *s, *more, f"training.output_dir={d}/{name}",
-             f"ppo.actor_load_dir={d}/sft/checkpoints", f"ppo.critic_load_dir={d}/rm/checkpoints",
-             *data_overrides(assets, "prompts_train.jsonl", "prompts_eval.jsonl"), *extra.get(name, [])])  # fmt: skip
+        train(name, "ppo", "ppo_demo.yaml", *more, f"ppo.actor_load_dir={d}/sft/checkpoints",
+              f"ppo.critic_load_dir={d}/rm/checkpoints",
+              *data_overrides(assets, "prompts_train.jsonl", "prompts_eval.jsonl"))  # fmt: skip
         res[f"{name}_judge"] = judge(f"{d}/{name}/checkpoints", f"{d}/{name}/eval.jsonl", prompts)
     if "dpo" not in skip:
-        run(["dpo", "--config", "configs/dpo_demo.yaml", *s, f"training.output_dir={d}/dpo",
-             f"checkpoint.load_dir={d}/sft/checkpoints", *data_overrides(assets, "pref_train.jsonl", "pref_eval.jsonl"),
-             *extra.get("dpo", [])])  # fmt: skip
+        train("dpo", "dpo", "dpo_demo.yaml", f"checkpoint.load_dir={d}/sft/checkpoints",
+              *data_overrides(assets, "pref_train.jsonl", "pref_eval.jsonl"))  # fmt: skip
         res["dpo_judge"] = judge(f"{d}/dpo/checkpoints", f"{d}/dpo/eval.jsonl", prompts)
     if "ppo" not in skip:
         res["ppo_minus_sft"] = res["ppo_judge"] - res["sft_judge"]
@@ -107,7 +100,6 @@ def main() -> int:
     ap.add_argument("--aggregate", nargs="+", help="summarise the --json files of earlier runs (e.g. one per seed, run "
                     "side by side with OMP_NUM_THREADS=1) instead of running")  # fmt: skip
     args = ap.parse_args()
-    REUSE["on"] = args.reuse
     rows = {}
     if args.aggregate:
         for path in args.aggregate:
@@ -120,7 +112,7 @@ def main() -> int:
             if stage not in ("sft", "rm", "ppo", "grpo", "dpo") or "=" not in override:
                 ap.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE one of sft, rm, ppo, grpo, dpo")
             extra.setdefault(stage, []).append(override)
-        rows[seed] = one_seed(seed, args.out, args.assets, tuple(args.skip), extra)
+        rows[seed] = one_seed(seed, args.out, args.assets, tuple(args.skip), extra, args.reuse)
         print(f"seed {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in rows[seed].items()), flush=True)
     for seed, row in sorted(rows.items()) if args.aggregate else []:
         print(f"seed {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))

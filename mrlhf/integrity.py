@@ -151,9 +151,36 @@ def manifest(step_dir: str) -> dict | None:
             files = json.load(f).get("files")
     except (OSError, ValueError, AttributeError):
         files = None  # read_meta reports an unreadable meta.json with its position; here it only has no manifest
+    if files is not None:
+        files = _checked_entries(step_dir, files)
     with _lock:
         _manifests[step_dir] = (mtime, files)
     return files
+
+
+def _checked_entries(step_dir: str, files: object) -> dict[str, dict]:
+    """The manifest's entries as ``{rel: {"size": int, "piece": int, "sha256": [str, ...]}}``. A single ``sha256``
+    string is one digest of the whole file (its ``sha256sum``; early manifests wrote that); any other shape is a
+    damaged meta.json, named as such -- not reported as a damaged file."""
+
+    def malformed(what: str) -> CheckpointError:
+        return CheckpointError(f"{step_dir}/{META}: the integrity manifest is malformed {what}")
+
+    if not isinstance(files, dict):
+        raise malformed("(its 'files' is not an object)")
+    out: dict[str, dict] = {}
+    for rel, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)):
+            raise malformed(f"at the entry for {rel} (expected an object with an integer size)")
+        want, piece = entry.get("sha256"), entry.get("piece", PIECE)
+        if isinstance(want, str):
+            want, piece = [want], max(1, entry["size"])
+        if not (isinstance(want, list) and want and all(isinstance(w, str) for w in want)) or not (
+            isinstance(piece, int) and piece > 0
+        ):
+            raise malformed(f"at the entry for {rel} (expected a sha256 digest list and a positive piece size)")
+        out[rel] = {**entry, "piece": piece, "sha256": want}
+    return out
 
 
 def _locate(path: str) -> tuple[str, str]:
@@ -185,20 +212,6 @@ def verifying() -> bool:
     return _state["verify"]
 
 
-def _digest_entry(path: str, step: str, entry: dict) -> dict:
-    """``entry`` with ``sha256`` as a list of piece digests. A single string is one digest of the whole file (the
-    ``sha256sum``; early manifests wrote that); anything else is a damaged manifest, named as such -- not the file."""
-    want, piece = entry.get("sha256"), entry.get("piece", PIECE)
-    if isinstance(want, str):
-        return {**entry, "piece": max(1, int(entry["size"])), "sha256": [want]}
-    if not (isinstance(want, list) and want and all(isinstance(w, str) for w in want)) or not (
-        isinstance(piece, int) and piece > 0
-    ):
-        raise CheckpointError(f"{step}/{META}: the integrity manifest's entry for {os.path.relpath(path, step)} is "
-                              "malformed (expected a sha256 digest list and a positive piece size)")  # fmt: skip
-    return entry
-
-
 def verify_files(paths: list[str]) -> None:
     """Check files against the manifest: presence and sizes first (in order), then the hashes of all of them in
     parallel (once per process and file); the first problem raises a CheckpointError naming the file."""
@@ -211,10 +224,7 @@ def verify_files(paths: list[str]) -> None:
                 raise CheckpointError(f"{path}: file is missing")
             _note_unverified(step)
             continue
-        entry = files.get(rel) if isinstance(files, dict) else {}
-        if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("size"), int)):
-            raise CheckpointError(f"{step}/{META}: the integrity manifest is malformed at the entry for {rel} "
-                                  "(expected an object with an integer size)")  # fmt: skip
+        entry = files.get(rel)
         if entry is None:
             raise CheckpointError(f"{path}: not in the checkpoint's integrity manifest ({step}/{META}); refusing to "
                                   "read a file the save did not write")  # fmt: skip
@@ -229,10 +239,10 @@ def verify_files(paths: list[str]) -> None:
         with _lock:
             done = _verified.get(path) == key
         if _state["verify"] and not done:
-            pending.append((path, _digest_entry(path, step, entry), key))
+            pending.append((path, entry, key))
     by_piece: dict[int, list[tuple[str, dict, tuple[int, int]]]] = {}
     for item in pending:
-        by_piece.setdefault(int(item[1].get("piece", PIECE)), []).append(item)
+        by_piece.setdefault(item[1]["piece"], []).append(item)
     for piece, items in by_piece.items():
         digests = piece_digests([(path, key[0]) for path, _, key in items], piece)
         for (path, entry, key), got in zip(items, digests):

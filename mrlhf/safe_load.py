@@ -56,19 +56,43 @@ ALLOWED: dict[str, set[str]] = {
 """Globals a DCP ``.metadata`` pickle may name (plus torch dtypes): plain records of tensor shapes and file offsets."""
 
 
-class MetadataUnpickler(pickle.Unpickler):
+class AllowListUnpickler(pickle.Unpickler):
+    """A pickle reader that resolves only the globals of ``allowed`` (module -> names), torch dtypes and the
+    ``replaced`` ones (``(module, name)`` -> the object to use instead); any other global is :meth:`refusal`."""
+
+    allowed: dict[str, set[str]] = {}
+    replaced: dict[tuple[str, str], Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.replaced:
+            return self.replaced[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if name not in self.allowed.get(module, ()):
+            raise self.refusal(module, name)
+        try:
+            return super().find_class(module, name)
+        except ImportError:
+            raise self.missing(module, name) from None
+
+    def refusal(self, module: str, name: str) -> CheckpointError:
+        raise NotImplementedError
+
+    def missing(self, module: str, name: str) -> CheckpointError:
+        return CheckpointError(f"refused to unpickle '{module}.{name}': its module is not installed")
+
+
+class MetadataUnpickler(AllowListUnpickler):
     """Unpickles a DCP ``.metadata`` file, refusing every global outside :data:`ALLOWED`."""
+
+    allowed = ALLOWED
 
     def __init__(self, file: Any, path: str) -> None:
         super().__init__(file)
         self.path = path
 
-    def find_class(self, module: str, name: str) -> Any:
-        if name in ALLOWED.get(module, ()):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise CheckpointError(
+    def refusal(self, module: str, name: str) -> CheckpointError:
+        return CheckpointError(
             f"{self.path}: refused to unpickle '{module}.{name}': checkpoint metadata holds only tensor shapes and "
             "file offsets, so this file was not written by a checkpoint save (it may be an attack)"
         )
@@ -218,29 +242,26 @@ def _storage_from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-class ExtraStateUnpickler(pickle.Unpickler):
+class ExtraStateUnpickler(AllowListUnpickler):
     """Unpickles the state TE 2.x pickles into its ``_extra_state`` tensor, refusing every global outside
     :data:`EXTRA_STATE_ALLOWED` (and tensor storages read with ``weights_only=True``)."""
+
+    allowed = EXTRA_STATE_ALLOWED
+    replaced = {("torch.storage", "_load_from_bytes"): _storage_from_bytes}
 
     def __init__(self, file: Any, what: str) -> None:
         super().__init__(file)
         self.what = what
 
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("torch.storage", "_load_from_bytes"):
-            return _storage_from_bytes
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if name not in EXTRA_STATE_ALLOWED.get(module, ()):
-            raise CheckpointError(
-                f"saved object {self.what} names '{module}.{name}': Transformer Engine's FP8 state holds only "
-                "tensors, numbers and recipe records; refused to unpickle it (it may be an attack)"
-            )
-        try:
-            return super().find_class(module, name)
-        except ImportError:
-            raise CheckpointError(f"saved object {self.what} holds Transformer Engine FP8 state ('{module}.{name}'), "
-                                  "and transformer_engine is not installed") from None  # fmt: skip
+    def refusal(self, module: str, name: str) -> CheckpointError:
+        return CheckpointError(
+            f"saved object {self.what} names '{module}.{name}': Transformer Engine's FP8 state holds only "
+            "tensors, numbers and recipe records; refused to unpickle it (it may be an attack)"
+        )
+
+    def missing(self, module: str, name: str) -> CheckpointError:
+        return CheckpointError(f"saved object {self.what} holds Transformer Engine FP8 state ('{module}.{name}'), "
+                               "and transformer_engine is not installed")  # fmt: skip
 
 
 def sanitize_extra_state(obj: Any, fqn: str) -> Any:

@@ -85,11 +85,10 @@ def inspect_checkpoint(ckpt: str) -> str:
     if files is None:
         checked = "no manifest (saved before mrlhf wrote hashes): nothing to verify"
     else:  # every file the save wrote, hashed in parallel; the first mismatch is a one-line CheckpointError
-        listed = sorted(files) if isinstance(files, dict) else []
-        integrity.verify_files([os.path.join(path, rel) for rel in listed])
-        size = sum(int(e.get("size", 0)) for e in files.values() if isinstance(e, dict)) if listed else 0
+        integrity.verify_files([os.path.join(path, rel) for rel in sorted(files)])
+        size = sum(e["size"] for e in files.values())
         how = "sha256 verified" if integrity.verifying() else "sizes only (verification off)"
-        checked = f"{len(listed)} files, {size / 2**20:.1f} MiB: {how}"
+        checked = f"{len(files)} files, {size / 2**20:.1f} MiB: {how}"
     layout = meta.get("layout", {})
     tok = meta.get("tokenizer") or {}
     lines = [

@@ -84,7 +84,8 @@ def score(
     exp: Experience, roles: dict, cfg: RunConfig, device: torch.device, last_stage: bool, on_resident=None
 ) -> torch.Tensor | None:
     """Fill old/ref log-probs, values and raw scores (last stage). Returns the actor's per-token entropy [b, W] on the
-    last stage (for metrics), else None (also with ``ppo.old_logprobs=rollout``: no actor pass runs here). ``on_resident()`` runs while every role is on the device (memory report)."""
+    last stage (for metrics), else None (also with ``ppo.old_logprobs=rollout``: no actor pass runs here).
+    ``on_resident()`` runs while every role is on the device (memory report)."""
     size, temp = cfg.training.micro_batch_size, cfg.generation.temperature
     actor_out = None
     if cfg.ppo.old_logprobs == "recompute":  # else the rollout's own log-probs serve (ppo.old_logprobs=rollout)
