@@ -19,13 +19,14 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from mrlhf.data.records import PreferenceSample, PromptSample, SFTSample
 from mrlhf.errors import ConfigError, DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: prompt datasets store each row's other fields ('columns')
 STAGES = {"sft": 0, "rm": 1, "dpo": 1, "ppo": 2}
 
 
@@ -142,13 +143,21 @@ class PreferenceDataset(TokenizedDataset):
 
 
 class PromptDataset(TokenizedDataset):
-    """Items: prompt tokens (bos + rendered prompt incl. the assistant opener)."""
+    """Items: prompt tokens (bos + rendered prompt incl. the assistant opener).
+
+    ``columns(i)`` gives the row's other fields (``PromptSample.columns``), stored as its UTF-8 JSON in the ragged
+    uint8 field "columns", for reward functions that check a response against e.g. a ground-truth answer.
+    """
 
     kind = "prompt"
-    ragged_fields = ("prompt",)
+    ragged_fields = ("prompt", "columns")
 
     def __getitem__(self, i: int) -> list[int]:
         return self.ragged["prompt"][i]
+
+    def columns(self, i: int) -> dict[str, Any]:
+        r = self.ragged["columns"]
+        return json.loads(r.values[r.offsets[i] : r.offsets[i + 1]].tobytes())
 
 
 DATASET_CLASSES = {c.kind: c for c in (SFTDataset, PreferenceDataset, PromptDataset)}
@@ -252,14 +261,16 @@ def tokenize_samples(kind: str, samples: list, tokenizer, options: TokenizeOptio
         ragged = {n: Ragged.build(v, np.uint8 if n.endswith("mask") else np.int32) for n, v in cols.items()}
         ds = PreferenceDataset(ragged, {"margin": np.asarray(margins, dtype=np.float32)}, path)
     elif kind == "prompt":
-        prompts = []
+        prompts, columns = [], []
         for s in samples:
             assert isinstance(s, PromptSample)
             p = enc.prompt(s, path)
             if p is not None:
                 prompts.append(p)
+                # ASCII JSON is valid UTF-8 even for a lone surrogate; default=str turns a parquet date or bytes into text
+                columns.append(json.dumps(s.columns, sort_keys=True, default=str).encode())
                 lines.append(s.source.line or 0)
-        ds = PromptDataset({"prompt": Ragged.build(prompts)}, {}, path)
+        ds = PromptDataset({"prompt": Ragged.build(prompts), "columns": Ragged.build(columns, np.uint8)}, {}, path)
     else:
         raise ValueError(f"unknown dataset kind {kind!r}")
     ds.dense["line"] = np.asarray(lines, dtype=np.int64)
@@ -342,6 +353,10 @@ class Subset:
     def __getitem__(self, i: int):
         return self.base[int(self.indices[i])]
 
+    def columns(self, i: int) -> dict[str, Any]:
+        """``columns`` of the base sample behind ``self[i]``."""
+        return self.base.columns(int(self.indices[i]))
+
 
 def split_indices(n: int, weights: Sequence[float], part: int, seed: int) -> np.ndarray:
     """Indices of part ``part`` when ``range(n)`` is shuffled by ``seed`` and cut in proportion to ``weights``.
@@ -393,6 +408,10 @@ class BlendedDataset:
 
     def __getitem__(self, i: int):
         return self.datasets[int(self.source[i])][int(self.sample[i])]
+
+    def columns(self, i: int) -> dict[str, Any]:
+        """``columns`` of the source sample behind ``self[i]``."""
+        return self.datasets[int(self.source[i])].columns(int(self.sample[i]))
 
 
 def parse_source(spec: str) -> tuple[str, float, str]:

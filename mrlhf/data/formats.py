@@ -344,8 +344,13 @@ def _parse_pku_saferlhf(obj: dict, src: Source, *, pku_preference: str = "better
 # ---- prompt-only schemas ----
 
 
+def _columns(obj: dict, prompt_key: str) -> dict:
+    """The record's fields other than the prompt, kept for reward functions (`PromptSample.columns`)."""
+    return {k: v for k, v in obj.items() if k != prompt_key}
+
+
 def _parse_prompt_only(obj: dict, src: Source) -> PromptSample:
-    return PromptSample(_user(_text(obj, "prompt", src)), src)
+    return PromptSample(_user(_text(obj, "prompt", src)), src, _columns(obj, "prompt"))
 
 
 def _parse_prompt_messages(obj: dict, src: Source) -> PromptSample:
@@ -355,7 +360,7 @@ def _parse_prompt_messages(obj: dict, src: Source) -> PromptSample:
         message = "the last message of a prompt must not be 'assistant': the policy writes that turn"
         raise DataError(src.path, src.line, f"messages[{last}].role", message)
     _require_user_turn(turns, src, "messages", "in a prompt")
-    return PromptSample(turns, src)
+    return PromptSample(turns, src, _columns(obj, "messages"))
 
 
 # ---- the registry ----

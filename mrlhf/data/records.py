@@ -7,6 +7,7 @@ A conversation prefix is a list of ``Turn``s; the response(s) are plain assistan
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 
@@ -45,10 +46,16 @@ class PreferenceSample:
 
 @dataclass(frozen=True)
 class PromptSample:
-    """A prompt alone (PPO rollouts, evaluation)."""
+    """A prompt alone (PPO rollouts, evaluation), with the record's other fields as ``columns``.
+
+    ``columns`` holds every field of the record but the prompt's own ("prompt" or "messages"), as parsed JSON, for
+    programmatic rewards (``ppo.reward_function``), e.g. a ``ground_truth`` answer. It is left out of equality and
+    hashing, since a dict cannot be hashed.
+    """
 
     prompt: tuple[Turn, ...]
     source: Source = field(default=Source("<memory>"), compare=False)
+    columns: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 Sample = SFTSample | PreferenceSample | PromptSample

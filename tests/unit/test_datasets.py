@@ -46,7 +46,9 @@ def tok():
 
 @pytest.fixture
 def sft_file(tmp_path):
-    return write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"What is {i} + {i}?", "response": f"{2 * i}."} for i in range(40)])
+    return write_jsonl(
+        tmp_path / "sft.jsonl", [{"prompt": f"What is {i} + {i}?", "response": f"{2 * i}."} for i in range(40)]
+    )
 
 
 def test_cache_hit_skips_tokenization_and_is_invalidated(tok, sft_file, tmp_path):
@@ -88,14 +90,22 @@ def test_length_policies(tok, tmp_path):
     long_prompt = "What is " + " + ".join(["1"] * 30) + "?"
     path = write_jsonl(
         tmp_path / "len.jsonl",
-        [{"prompt": "Hi?", "response": "ok."}, {"prompt": long_prompt, "response": "30."}, {"prompt": "Q?", "response": "a " * 40}],
+        [
+            {"prompt": "Hi?", "response": "ok."},
+            {"prompt": long_prompt, "response": "30."},
+            {"prompt": "Q?", "response": "a " * 40},
+        ],
     )
     with pytest.raises(DataError) as e:
         load_tokenized(path, "sft", tok, TokenizeOptions(max_seq_len=40, max_prompt_len=20), None)
     assert "len.jsonl:2" in str(e.value) and "field 'prompt'" in str(e.value) and "max_prompt_len=20" in str(e.value)
-    dropped = load_tokenized(path, "sft", tok, TokenizeOptions(max_seq_len=40, max_prompt_len=20, length_policy="drop"), None)
+    dropped = load_tokenized(
+        path, "sft", tok, TokenizeOptions(max_seq_len=40, max_prompt_len=20, length_policy="drop"), None
+    )
     assert len(dropped) == 1 and dropped.stats["dropped"] == 2
-    cut = load_tokenized(path, "sft", tok, TokenizeOptions(max_seq_len=40, max_prompt_len=20, length_policy="truncate"), None)
+    cut = load_tokenized(
+        path, "sft", tok, TokenizeOptions(max_seq_len=40, max_prompt_len=20, length_policy="truncate"), None
+    )
     assert len(cut) == 3 and cut.stats["truncated_prompt"] == 1 and cut.stats["truncated_response"] == 1
     tokens, flags = cut[2]
     assert len(tokens) == 40 and tokens[-1] != tok.eos_id  # a cut response does not end with eos
@@ -165,3 +175,51 @@ def test_blended_sources_from_config(tmp_path):
     a_end = tok.encode("a.")
     firsts = [bundle.train[i][0][-1 - len(a_end) : -1] == a_end for i in range(40)]
     assert sum(firsts) == 30  # 3:1 over the first 40 positions of the blend
+
+
+def test_prompt_columns_stay_aligned_through_drop_and_cache(tok, tmp_path):
+    rows = [
+        {"prompt": "Q0?", "answer": "zero", "meta": {"n": [0, 1.5], "ok": True, "none": None}},
+        {"prompt": "What is " + " + ".join(["1"] * 30) + "?", "answer": "thirty"},  # too long: dropped
+        {"messages": [{"role": "user", "content": "Q2?"}], "answer": "deux é ☕", "id": 2},
+        {"prompt": "Q3?"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    opts = TokenizeOptions(max_seq_len=64, max_prompt_len=20, length_policy="drop")
+    cache = str(tmp_path / "cache")
+    first = load_tokenized(path, "prompt", tok, opts, cache)
+    assert len(first) == 3 and first.stats["dropped"] == 1 and not first.cache_hit
+    expected = [
+        {"answer": "zero", "meta": {"n": [0, 1.5], "ok": True, "none": None}},
+        {"answer": "deux é ☕", "id": 2},
+        {},
+    ]
+    assert [first.columns(i) for i in range(3)] == expected
+    assert [f"Q{k}?" in tok.inner.decode(first[i]) for i, k in enumerate((0, 2, 3))] == [True] * 3
+    second = load_tokenized(path, "prompt", tok, opts, cache)
+    assert second.cache_hit and [second.columns(i) for i in range(3)] == expected
+
+
+@pytest.mark.parametrize("names", [("a",), ("a", "b")])
+def test_prompt_columns_follow_splits_and_blends(tmp_path, names):
+    paths = [
+        write_jsonl(tmp_path / f"{n}.jsonl", [{"prompt": f"{n}{k}?", "src": n, "k": k} for k in range(24)])
+        for n in names
+    ]
+    sources = [f"{n}:1:{p}" for n, p in zip(names, paths)]
+    overrides = [
+        f"data.sources={sources}",
+        f"data.tokenizer_path={TOK}",
+        "data.eval_fraction=0.25",
+        "data.cache_dir=null",
+    ]
+    tok = Tokenizer.load(TOK)
+    bundle = build_datasets(load_config(None, overrides), "prompt", "ppo", tok)
+    view = "Subset" if len(names) == 1 else "BlendedDataset"
+    assert type(bundle.train).__name__ == type(bundle.eval).__name__ == view
+    for ds in (bundle.train, bundle.eval):
+        cols = [ds.columns(i) for i in range(len(ds))]
+        assert all(f"{c['src']}{c['k']}?" in tok.decode(ds[i]) for i, c in enumerate(cols))
+    train_keys = {(c["src"], c["k"]) for c in map(bundle.train.columns, range(len(bundle.train)))}
+    eval_keys = {(c["src"], c["k"]) for c in map(bundle.eval.columns, range(len(bundle.eval)))}
+    assert not train_keys & eval_keys and len(eval_keys) == 6 * len(names)

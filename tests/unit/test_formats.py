@@ -149,6 +149,25 @@ def test_prompts_messages() -> None:
     assert [t.role for t in result.samples[1].prompt] == ["user", "assistant", "user"]
 
 
+def test_prompt_columns_keep_the_other_fields(tmp_path: Path) -> None:
+    nested = {"answer": "42", "meta": {"tags": ["math", "ü"], "level": 3}, "ok": True, "note": None}
+    msgs = [{"role": "user", "content": "Six times seven?"}]
+    path = write_jsonl(
+        tmp_path,
+        {"prompt": "What is 6 * 7?", "ground_truth": 42, "score": 0.5, "text": "café ☕", **nested},
+        {"messages": msgs, **nested},
+        {"prompt": "Hi?"},
+        name="prompts.jsonl",
+    )
+    only, messages, bare = read_dataset(path, "prompt").samples
+    assert only.columns == {"ground_truth": 42, "score": 0.5, "text": "café ☕", **nested}  # no "prompt"
+    assert messages.columns == nested  # no "messages"
+    assert bare.columns == {}
+    # columns are not part of equality (nor hashing: a dict cannot be hashed)
+    assert only == PromptSample(user("What is 6 * 7?")) and hash(only) == hash(PromptSample(user("What is 6 * 7?")))
+    assert read("prompts.jsonl", "prompt").samples[0].columns == {}
+
+
 def test_explicit_schema_and_kind_mismatch() -> None:
     path = str(FIXTURES / "prompts.jsonl")
     assert read_dataset(path, "prompt", schema="prompt_only").schema == "prompt_only"
