@@ -449,6 +449,12 @@ class PPOSection:
     """ptx sequences per minibatch (over all DP ranks)."""
     ema_decay: float = 0.0
     """Keep an EMA of the actor's weights with this decay (saved as role 'ema_actor'); 0 disables."""
+    reward_function: str | None = None
+    """'module:callable' that scores responses in Python instead of a reward model (verifiable rewards, TRL's
+    signature): ``fn(prompts, responses, **columns)`` -> one float per response, where ``prompts`` and ``responses``
+    are lists of text (the rendered prompt; the response without EOS) and each column is a list holding one field of
+    the prompt rows (e.g. ``answer``), None where a row lacks it. Called on TP rank 0 of the last pipeline stage for
+    that DP rank's samples. No reward model is built; a NaN/inf score drops its sample, as a reward model's would."""
     offload_frozen: bool = True
     """Keep the reference and reward models in host memory outside experience making."""
     save_frozen_roles: bool = True
@@ -499,6 +505,16 @@ class PPOSection:
             raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_path (an SFT-format data file)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ppo.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.reward_function is not None:
+            module, _, name = self.reward_function.partition(":")
+            if not (module and name and all(part.isidentifier() for part in module.split(".") + name.split("."))):
+                raise ConfigError(
+                    f"ppo.reward_function must be 'module:callable' (e.g. mrlhf.demo.judge:reward), "
+                    f"got {self.reward_function!r}"
+                )
+            if self.reward_load_dir is not None:
+                raise ConfigError("ppo.reward_function and ppo.reward_load_dir both set: the function replaces the "
+                                  "reward model, keep one")  # fmt: skip
 
     @property
     def needs_critic(self) -> bool:

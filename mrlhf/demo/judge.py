@@ -56,3 +56,9 @@ def judge_batch(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, f
         "accuracy": sum(s == 1.0 for s in scores) / len(scores),
         "n": len(scores),
     }
+
+
+def reward(prompts: Sequence[str], responses: Sequence[str], **columns) -> list[float]:
+    """The gold judge as a PPO reward function (``ppo.reward_function: mrlhf.demo.judge:reward``): verifiable rewards
+    on the demo task, in place of a learned reward model. Prompt-row columns are not needed and ignored."""
+    return [score(p, r) for p, r in zip(prompts, responses)]

@@ -115,6 +115,14 @@ def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_from_tp_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Every TP rank receives TP rank 0's tensor (work done once per TP group, e.g. a Python reward function)."""
+    _on_run_device(t, "broadcast_from_tp_rank0")
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.broadcast(t, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group())
+    return t
+
+
 def all_gather_tp(t: torch.Tensor) -> list[torch.Tensor]:
     """Every TP rank's copy of ``t`` (same shape everywhere), in TP-rank order."""
     _on_run_device(t, "all_gather_tp")

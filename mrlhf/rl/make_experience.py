@@ -81,11 +81,13 @@ def _forward_rows(model, exp: Experience, size: int, collect, cfg: RunConfig, de
 
 
 def score(
-    exp: Experience, roles: dict, cfg: RunConfig, device: torch.device, last_stage: bool, on_resident=None
+    exp: Experience, roles: dict, cfg: RunConfig, device: torch.device, last_stage: bool, on_resident=None,
+    reward_fn=None,
 ) -> torch.Tensor | None:
     """Fill old/ref log-probs, values and raw scores (last stage). Returns the actor's per-token entropy [b, W] on the
     last stage (for metrics), else None (also with ``ppo.old_logprobs=rollout``: no actor pass runs here).
-    ``on_resident()`` runs while every role is on the device (memory report)."""
+    ``on_resident()`` runs while every role is on the device (memory report). ``reward_fn``
+    (``rl.reward_fn.RewardFunction``, with ``ppo.reward_function``) scores instead of the reward model."""
     size, temp = cfg.training.micro_batch_size, cfg.generation.temperature
     actor_out = None
     if cfg.ppo.old_logprobs == "recompute":  # else the rollout's own log-probs serve (ppo.old_logprobs=rollout)
@@ -93,12 +95,14 @@ def score(
         actor.eval()
         actor.set_lm_output(temp, entropy=True)
         actor_out = _forward_rows(actor, exp, size, lambda o, mb: (o[0].float(), o[1].float()), cfg, device)
-    frozen = [roles["reference"], roles["reward"]]
+    frozen = [roles[r] for r in ("reference", "reward") if r in roles]
     for model in frozen:
         residency.reload(model, device)
     roles["reference"].set_lm_output(temp)
     ref_out = _forward_rows(roles["reference"], exp, size, lambda o, mb: o.float(), cfg, device)
-    reward_out = _forward_rows(roles["reward"], exp, size, lambda o, mb: o.float(), cfg, device)
+    reward_out = None
+    if reward_fn is None:
+        reward_out = _forward_rows(roles["reward"], exp, size, lambda o, mb: o.float(), cfg, device)
     if on_resident is not None:
         on_resident()
     if cfg.ppo.offload_frozen:
@@ -111,7 +115,7 @@ def score(
     if not last_stage:
         return None
     exp.ref_logprobs = torch.cat(ref_out) * exp.action_mask
-    exp.raw_scores = torch.cat(reward_out)
+    exp.raw_scores = reward_fn(exp, device) if reward_fn is not None else torch.cat(reward_out)
     if values_out is not None:
         exp.values = torch.cat(values_out) * exp.action_mask
     if actor_out is None:

@@ -36,6 +36,7 @@ from mrlhf.rl.experience import Experience
 from mrlhf.rl.kl import build_kl_controller, kl_penalty
 from mrlhf.rl.make_experience import rollout, score, shape
 from mrlhf.rl.policy_losses import aggregate, policy_loss, value_loss
+from mrlhf.rl.reward_fn import RewardFunction
 from mrlhf.testing_faults import maybe_fault, nan_loss_requested
 from mrlhf.trainers.common import (
     MetricsWriter,
@@ -69,6 +70,7 @@ class PPORun:
     state: TrainState
     kl_ctl: Any
     normalizer: RewardNormalizer
+    reward_fn: RewardFunction | None = None
     saved: dict[str, torch.nn.Module] = field(default_factory=dict)
 
 
@@ -137,7 +139,7 @@ def role_sources(cfg: RunConfig) -> dict[str, str | None]:
         "actor": p.actor_load_dir,
         "reference": p.reference_load_dir or p.actor_load_dir,
         "critic": p.critic_load_dir,
-        "reward": p.reward_load_dir or p.critic_load_dir,
+        "reward": None if p.reward_function else p.reward_load_dir or p.critic_load_dir,
     }
 
 
@@ -172,15 +174,16 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
     tokenizer, prompts, ptx = load_ppo_data(cfg)
     save_resolved_config(cfg, ctx)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    names = ["actor", "reference", "reward"] + (["critic"] if p.needs_critic else [])
+    names = ["actor", "reference"] + ([] if p.reward_function else ["reward"]) + (["critic"] if p.needs_critic else [])
+    frozen = [r for r in FROZEN if r in names]
     path = ckpt.latest_checkpoint(cfg.save_dir) if cfg.checkpoint.resume else None
     sources = role_sources(cfg)
-    kept = {"actor", "critic"} | (set(FROZEN) if p.save_frozen_roles else set())  # what a checkpoint holds
+    kept = {"actor", "critic"} | (set(frozen) if p.save_frozen_roles else set())  # what a checkpoint holds
     # a role whose weights come from a checkpoint is built on the meta device, not drawn and then overwritten
     roles = {r: build_role(cfg, r, vocab, device=ctx.device,
                            from_checkpoint=(path is not None and r in kept) or sources[r] is not None)
              for r in names}  # fmt: skip
-    for r in FROZEN:
+    for r in frozen:
         roles[r].eval().requires_grad_(False)
     optimizers = {r: Optimizer([q for q in roles[r].parameters() if q.requires_grad], o, cfg.parallel.zero1,
                                fp32_grads=cfg.training.grad_reduce_in_fp32)
@@ -189,7 +192,7 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
     if p.ema_decay > 0:
         ema = build_role(cfg, "actor", vocab, device=ctx.device, from_checkpoint=True).requires_grad_(False)
     stats = reward_statistics(cfg)
-    if p.reward_normalize and stats is None:
+    if p.reward_normalize and stats is None and not p.reward_function:
         log_main("ppo: the reward checkpoint stores no reward statistics: normalisation starts from the first batch")
     normalizer = RewardNormalizer(
         mean=stats["mean"] if stats else 0.0, std=stats["std"] if stats else 1.0,
@@ -201,7 +204,7 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
     if ema is not None:
         saved["ema_actor"] = ema
     if p.save_frozen_roles:
-        saved.update({r: roles[r] for r in FROZEN})
+        saved.update({r: roles[r] for r in frozen})
     state = TrainState(extra={"actor_updates": 0, "critic_updates": 0, "skipped_steps": 0})
     if path is not None:
         meta = ckpt.load_checkpoint(path, saved, optimizers, tokenizer.hash, cfg.to_dict(),
@@ -219,9 +222,13 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
             for e, a in zip(ema.parameters(), roles["actor"].parameters()):
                 e.copy_(a)
     if p.offload_frozen:
-        for r in FROZEN:
+        for r in frozen:
             residency.offload(roles[r])
-    return PPORun(tokenizer, prompts, ptx, roles, optimizers, ema, state, kl_ctl, normalizer, saved)
+    reward_fn = None
+    if p.reward_function:
+        reward_fn = RewardFunction(p.reward_function, tokenizer, prompts.train, tokenizer.eos_id)
+        log_main(f"ppo: rewards from the function {p.reward_function} (no reward model)")
+    return PPORun(tokenizer, prompts, ptx, roles, optimizers, ema, state, kl_ctl, normalizer, reward_fn, saved)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -557,10 +564,13 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
             mem["experience"] = memory_report(run, device)
 
         with timer("experience"):
-            entropy = score(exp, run.roles, cfg, device, last, report_resident if mem_due else None)
+            entropy = score(exp, run.roles, cfg, device, last, report_resident if mem_due else None, run.reward_fn)
             if last:
                 shape(exp, cfg, run.kl_ctl.value, run.normalizer, reduce)
         record = experience_stats(exp, entropy, last, p.old_logprobs == "recompute")
+        if run.reward_fn is not None:  # the user's function's share of the experience phase (the slowest DP rank)
+            (record["time_reward_function_s"],) = reduce_last_stage_scalars([run.reward_fn.seconds],
+                                                                            torch.distributed.ReduceOp.MAX)  # fmt: skip
         total_seqs = int(record.pop("_global_seqs"))
         if record["dropped_samples"] > 0:
             warn_dropped(exp, run, batch, p.n_samples, total_seqs, last, device)

@@ -213,3 +213,62 @@ def test_memory_report_per_phase_with_and_without_offload(tmp_path):
             for phase in ("generate", "train"):
                 held = rec[f"{phase}_mem_{role}_params_bytes"]
                 assert (held == 0) if offload else (held > 0), (offload, role, phase, held)
+
+
+# ---- ppo.reward_function (verifiable rewards): rewards from Python instead of a reward model ----------------------
+
+
+def _calls(directory) -> list[tuple[int, ...]]:
+    return [tuple(int(x) for x in line.split()) for f in sorted(directory.iterdir()) for line in f.read_text().split("\n")
+            if line]  # fmt: skip
+
+
+def test_reward_function_layouts_match_single_process_and_it_runs_once_per_sample(tmp_path, monkeypatch):
+    """GRPO scored by a Python function: TP2xPP2 and PP2xDP2 equal TP1 (same tolerance as above); the function runs
+    on TP rank 0 of the last stage only, once per sample, and the prompt rows' columns reach it aligned (it checks
+    each prompt's 'answer' column and fails the run otherwise). No reward model is built."""
+    import json
+
+    from ppo_runs import DEMO
+
+    from mrlhf.demo.task import parse_prompt
+
+    data = tmp_path / "prompts.jsonl"
+    rows = [json.loads(line) for line in open(os.path.join(DEMO, "prompts_train.jsonl"))]
+    data.write_text("".join(json.dumps({**r, "answer": parse_prompt(r["prompt"]).result}) + "\n" for r in rows))
+    extra = ["ppo.estimator=grpo", "ppo.n_samples=4", "ppo.reward_function=reward_fns:checked_length",
+             f"data.train_path={data}"]  # fmt: skip
+    runs = {}
+    for name, layout, world, pp, dp in (("ref", {}, 1, 1, 1), ("tp2pp2", {"tp": 2, "pp": 2}, 4, 2, 1),
+                                        ("pp2dp2", {"pp": 2}, 4, 2, 2)):  # fmt: skip
+        calls = tmp_path / name / "calls"
+        calls.mkdir(parents=True)
+        monkeypatch.setenv("REWARD_CALLS", str(calls))
+        runs[name] = run_ranks(ppo_rank, world, str(tmp_path / name), layout, extra)
+        got = _calls(calls)
+        assert sorted(c[:3] for c in got) == [(0, pp - 1, d) for d in range(dp)], name  # TP rank 0, last stage
+        assert sum(c[3] for c in got) == 8 * 4, name  # every sample of the iteration once: 8 prompts x 4
+    (ref,) = runs["ref"]
+    assert ref["roles"] == ["actor", "reference"]
+    rec = ref["records"][0]
+    assert rec["reward_raw_std"] > 0 and rec["pg_loss"] != 0 and rec["time_reward_function_s"] > 0
+    for name in ("tp2pp2", "pp2dp2"):
+        for r in runs[name]:
+            assert_records_match(r["records"], ref["records"], ("pg_loss", "reward_raw_mean", "reward_raw_std",
+                                                                "approx_kl", "kl_per_sequence"))  # fmt: skip
+        assert_params_match(runs[name], ref, roles=("actor",))
+
+
+def test_reward_function_nan_drops_its_samples_and_an_error_is_one_line(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    monkeypatch.setenv("REWARD_CALLS", str(calls))
+    extra = ["ppo.estimator=rloo", "ppo.n_samples=2"]
+    (res,) = run_ranks(ppo_rank, 1, str(tmp_path / "nan"), {}, extra + ["ppo.reward_function=reward_fns:nan_for_sums"])
+    nans = sum(c[4] for c in _calls(calls))
+    rec = res["records"][0]
+    assert 0 < nans < 16 and rec["dropped_samples"] == nans  # the batch holds addition prompts and others
+    assert all(math.isfinite(rec[k]) for k in ("pg_loss", "reward_raw_mean", "approx_kl", "actor_grad_norm"))
+    (msg,) = run_ranks(ppo_error_rank, 1, str(tmp_path / "err"), {}, extra + ["ppo.reward_function=reward_fns:broken"])
+    assert msg.startswith("ppo.reward_function=reward_fns:broken raised KeyError: 'verifier service unreachable' (at ")
+    assert "reward_fns.py:" in msg and "\n" not in msg

@@ -1,0 +1,138 @@
+"""``ppo.reward_function``: scores from a Python function instead of a reward model (verifiable rewards).
+
+The function has TRL's reward-function signature, so one written for ``GRPOTrainer(reward_funcs=...)`` works here::
+
+    def reward(prompts: list[str], responses: list[str], **columns) -> list[float]: ...
+
+``prompts`` is the prompt as the policy saw it (rendered with the chat template, BOS dropped), ``responses`` the
+sampled text up to and without EOS; each keyword is one field of the prompt rows (a list, one value per response,
+None where a row lacks the field). It is imported once at start-up, called on tensor-parallel rank 0 of the last
+pipeline stage for that data-parallel rank's samples, and its scores are broadcast to the other TP ranks -- so a
+function that is slow, random or calls a service runs once per sample and every TP rank agrees. Any error it raises,
+a wrong number of scores or a score that is not a number is a one-line ``RewardFunctionError``; NaN or inf is a
+valid answer meaning "no reward": the sample is dropped with a warning, as for a reward model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import numbers
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+
+from mrlhf.errors import ConfigError, MrlhfError
+from mrlhf.parallel import comm
+from mrlhf.rl.experience import Experience
+
+RESERVED = ("prompts", "responses")
+
+
+class RewardFunctionError(MrlhfError):
+    """The reward function failed or answered something that is not one score per response."""
+
+
+def load(spec: str) -> Callable[..., Any]:
+    """Import ``module:callable`` (dots allowed on both sides); a one-line ConfigError naming what is missing."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"ppo.reward_function={spec}: cannot import module '{module_name}': {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"ppo.reward_function={spec}: module '{module_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"ppo.reward_function={spec}: '{attr}' is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def texts(exp: Experience, tokenizer, eos_id: int) -> tuple[list[str], list[str]]:
+    """Prompt and response text of every row of ``exp``: the prompt ends where the action mask starts."""
+    prompts, responses = [], []
+    starts = exp.action_mask.argmax(dim=1).tolist()  # [b]: label position of the first response token = P - 1
+    for i, (start, length) in enumerate(zip(starts, exp.response_length.tolist())):
+        row = exp.tokens[i].tolist()
+        prompt, response = row[: start + 1], row[start + 1 : start + 1 + length]
+        if prompt and prompt[0] == tokenizer.bos_id:
+            prompt = prompt[1:]
+        if response and response[-1] == eos_id:
+            response = response[:-1]
+        prompts.append(tokenizer.decode(prompt))
+        responses.append(tokenizer.decode(response))
+    return prompts, responses
+
+
+def columns_of(dataset, prompt_index: list[int]) -> dict[str, list[Any]]:
+    """The prompt rows' fields as keyword columns: one list per field name, None where a row lacks it."""
+    rows = [dataset.columns(i) if hasattr(dataset, "columns") else {} for i in prompt_index]
+    names = sorted({k for r in rows for k in r})
+    return {k: [r.get(k) for r in rows] for k in names}
+
+
+class RewardFunction:
+    """A loaded ``ppo.reward_function`` with the prompt dataset whose rows give its columns."""
+
+    def __init__(self, spec: str, tokenizer, dataset, eos_id: int) -> None:
+        self.spec, self.fn = spec, load(spec)
+        self.tokenizer, self.dataset, self.eos_id = tokenizer, dataset, eos_id
+        self.seconds = 0.0
+        """Wall time of the last call (TP rank 0 of the last stage; 0 elsewhere)."""
+
+    def call(self, prompts: list[str], responses: list[str], columns: dict[str, list[Any]]) -> list[float]:
+        """The function's scores, checked: one real number per response (NaN/inf allowed)."""
+        clash = [k for k in RESERVED if k in columns]
+        if clash:
+            raise RewardFunctionError(
+                f"ppo.reward_function={self.spec}: the prompt rows have a field named {clash[0]!r}, which would clash "
+                f"with the function's own '{clash[0]}' argument: rename it in the data"
+            )
+        try:
+            out = self.fn(prompts, responses, **columns)
+        except Exception as e:  # the user's code: one line naming it, the exception and where it was raised
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            raise RewardFunctionError(
+                f"ppo.reward_function={self.spec} raised {type(e).__name__}: {e} (at {where.filename}:{where.lineno}; "
+                f"first response {responses[0]!r} to {prompts[0]!r})"
+            ) from None
+        if isinstance(out, torch.Tensor):
+            out = out.detach().cpu().flatten().tolist()
+        try:
+            scores = list(out)
+        except TypeError:
+            raise RewardFunctionError(
+                f"ppo.reward_function={self.spec} returned a {type(out).__name__}, not a list of {len(responses)} "
+                "scores"
+            ) from None
+        if len(scores) != len(responses):
+            raise RewardFunctionError(
+                f"ppo.reward_function={self.spec} returned {len(scores)} scores for {len(responses)} responses"
+            )
+        for i, s in enumerate(scores):
+            if isinstance(s, bool) or not isinstance(s, numbers.Real):
+                raise RewardFunctionError(
+                    f"ppo.reward_function={self.spec}: score {i} is {s!r} ({type(s).__name__}), not a number "
+                    f"(response {responses[i]!r})"
+                )
+        return [float(s) for s in scores]
+
+    def score(self, exp: Experience) -> torch.Tensor:
+        """[b] float32 scores of the rows of ``exp``, in row order (no process group needed)."""
+        start = time.perf_counter()
+        prompts, responses = texts(exp, self.tokenizer, self.eos_id)
+        scores = self.call(prompts, responses, columns_of(self.dataset, exp.prompt_index.tolist()))
+        self.seconds = time.perf_counter() - start
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def __call__(self, exp: Experience, device: torch.device) -> torch.Tensor:
+        """[b] float32 scores of this DP rank's rows: computed on TP rank 0, broadcast over TP (last stage only)."""
+        out = torch.zeros(exp.batch_size, dtype=torch.float32, device=device)
+        self.seconds = 0.0
+        if ps.get_tensor_model_parallel_rank() == 0:
+            out.copy_(self.score(exp))
+        return comm.broadcast_from_tp_rank0(out)
