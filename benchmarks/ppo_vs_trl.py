@@ -79,8 +79,8 @@ def iteration_flops(algo: str) -> float:
     implementation needs: forward 2 * params * tokens (backward twice that), the LM head only where a log-prob is used
     (response positions), causal attention scores and values; generation = prefill + one decode step per further
     token. PPO: generation (whose log-probs are the old ones), reference, value and reward forwards, policy and value
-    forward+backward. GRPO: generation, reference forward, policy forward+backward (the reward is a Python function;
-    mrlhf's side runs a reward *model* forward on top, which this floor does not count)."""
+    forward+backward. GRPO: generation, reference forward, policy forward+backward (the reward is a Python function
+    on both sides)."""
     h, layers, vocab = SHAPE["hidden_size"], SHAPE["num_layers"], SHAPE["vocab"]
     prompt, resp = SHAPE["prompt_len"], SHAPE["response_len"]
     seqs = SHAPE[algo]["prompts"] * SHAPE[algo]["n_samples"]

@@ -37,6 +37,7 @@ from mrlhf.rl.kl import build_kl_controller, kl_penalty
 from mrlhf.rl.make_experience import rollout, score, shape
 from mrlhf.rl.policy_losses import aggregate, policy_loss, value_loss
 from mrlhf.rl.reward_fn import RewardFunction
+from mrlhf.rl.reward_fn import load as load_reward_function
 from mrlhf.testing_faults import maybe_fault, nan_loss_requested
 from mrlhf.trainers.common import (
     MetricsWriter,
@@ -94,6 +95,8 @@ def load_ppo_data(cfg: RunConfig):
                 ckpt.read_meta(ckpt.latest_checkpoint(src) or src)
             except CheckpointError as e:
                 raise CheckpointError(f"ppo.{name}={src}: {e}") from None
+    if cfg.ppo.reward_function:  # a typo fails here, before any process group or model exists
+        load_reward_function(cfg.ppo.reward_function)
     tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
     prompts = build_datasets(cfg, "prompt", "ppo", tokenizer)
     if len(prompts.train) < cfg.training.global_batch_size:

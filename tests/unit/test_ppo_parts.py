@@ -567,6 +567,16 @@ def test_cli_ppo_greedy_generation_is_refused(capsys, tmp_path: Path, world1_env
     assert "generation.temperature > 0" in line, line
 
 
+def test_cli_ppo_unimportable_reward_function_is_refused_before_start_up(capsys, tmp_path: Path) -> None:
+    from mrlhf.cli import main
+
+    code = main(["ppo", "--config", PPO_YAML, "ppo.reward_function=no_such_rewards_mod:score",
+                 f"training.output_dir={tmp_path / 'out'}"])  # fmt: skip
+    line = error_line(capsys, code)
+    assert "ppo.reward_function=no_such_rewards_mod:score: cannot import module 'no_such_rewards_mod'" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_ppo_config_errors_exit_2_for_every_bad_field(capsys) -> None:
     from mrlhf.cli import main
 
