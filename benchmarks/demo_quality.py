@@ -1,5 +1,8 @@
 """Learning quality of the demo pipeline over seeds: SFT -> RM -> PPO (GAE) and GRPO, DPO; gold-judge scores.
 
+GRPO also runs against the gold judge itself as a Python reward function (``grpo_verifier``: verifiable rewards, no
+reward model), the ceiling of what the learned reward model lets PPO/GRPO reach.
+
     .venv/bin/python benchmarks/demo_quality.py --seeds 1 2 3 [--out runs/quality] [--json results.json]
 
 Every stage of seed ``s`` runs with ``training.seed=s`` (weights, data order, dropout and -- for PPO -- the rollout
@@ -68,11 +71,14 @@ def one_seed(seed: int, base: str, assets: str | None = None, skip: tuple[str, .
           *data_overrides(assets, "pref_train.jsonl", "pref_eval.jsonl"))  # fmt: skip
     with open(f"{d}/rm/metrics.jsonl", encoding="utf-8") as f:
         res["rm_accuracy"] = [json.loads(line) for line in f][-1]["eval_accuracy"]
-    for name, more in (("ppo", []), ("grpo", ["ppo.estimator=grpo", "ppo.n_samples=4", "training.global_batch_size=16"])):
+    grpo = ["ppo.estimator=grpo", "ppo.n_samples=4", "training.global_batch_size=16"]
+    for name, more in (("ppo", [f"ppo.critic_load_dir={d}/rm/checkpoints"]),
+                       ("grpo", [*grpo, f"ppo.critic_load_dir={d}/rm/checkpoints"]),
+                       ("grpo_verifier", [*grpo, "ppo.critic_load_dir=null",  # the gold judge is the reward: no RM
+                                          "ppo.reward_function=mrlhf.demo.judge:reward"])):  # fmt: skip
         if name in skip:
             continue
         train(name, "ppo", "ppo_demo.yaml", *more, f"ppo.actor_load_dir={d}/sft/checkpoints",
-              f"ppo.critic_load_dir={d}/rm/checkpoints",
               *data_overrides(assets, "prompts_train.jsonl", "prompts_eval.jsonl"))  # fmt: skip
         res[f"{name}_judge"] = judge(f"{d}/{name}/checkpoints", f"{d}/{name}/eval.jsonl", prompts)
     if "dpo" not in skip:
@@ -94,9 +100,9 @@ def main() -> int:
                     "tools/make_demo_assets.py --out-dir)")  # fmt: skip
     ap.add_argument("--reuse", action="store_true", help="keep stages whose run directory already has a checkpoint "
                     "(same seed, same configs: the runs are deterministic on one machine) and only judge them")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["ppo", "grpo", "dpo"], help="stages to leave out")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["ppo", "grpo", "grpo_verifier", "dpo"], help="stages to leave out")
     ap.add_argument("--set", nargs="*", default=[], metavar="STAGE:KEY=VALUE",
-                    help="extra override for one stage (sft, rm, ppo, grpo, dpo), e.g. ppo:training.train_steps=300")
+                    help="extra override for one stage (sft, rm, ppo, grpo, grpo_verifier, dpo), e.g. ppo:training.train_steps=300")
     ap.add_argument("--aggregate", nargs="+", help="summarise the --json files of earlier runs (e.g. one per seed, run "
                     "side by side with OMP_NUM_THREADS=1) instead of running")  # fmt: skip
     args = ap.parse_args()
@@ -109,8 +115,9 @@ def main() -> int:
         extra: dict[str, list[str]] = {}
         for item in args.set:
             stage, _, override = item.partition(":")
-            if stage not in ("sft", "rm", "ppo", "grpo", "dpo") or "=" not in override:
-                ap.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE one of sft, rm, ppo, grpo, dpo")
+            if stage not in ("sft", "rm", "ppo", "grpo", "grpo_verifier", "dpo") or "=" not in override:
+                ap.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE one of sft, rm, ppo, grpo, "
+                         "grpo_verifier, dpo")  # fmt: skip
             extra.setdefault(stage, []).append(override)
         rows[seed] = one_seed(seed, args.out, args.assets, tuple(args.skip), extra, args.reuse)
         print(f"seed {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in rows[seed].items()), flush=True)
