@@ -82,21 +82,24 @@ def optimizer_step(
     return {"lr": lr, "grad_norm": norm, "skipped_step": float(skipped)}
 
 
-def check_skip(state: TrainState, skipped: float, cfg: RunConfig, what: str, step: int) -> None:
-    """Count skipped (non-finite) steps: warn at each, stop after training.max_consecutive_skips in a row."""
+def check_skip(state: TrainState, skipped: float, cfg: RunConfig, what: str, step: int, model: str = "") -> None:
+    """Count skipped (non-finite) steps: warn at each, stop after training.max_consecutive_skips in a row. ``model``
+    names whose steps these are where several models step in turn (PPO's actor and critic): each has its own run of
+    skips, so the critic's good steps do not hide an actor that never steps."""
     extra = state.extra
+    key = f"consecutive_skips_{model}" if model else "consecutive_skips"
     if not skipped:
-        extra["consecutive_skips"] = 0
+        extra[key] = 0
         return
     extra["skipped_steps"] = extra.get("skipped_steps", 0) + 1
-    extra["consecutive_skips"] = extra.get("consecutive_skips", 0) + 1
-    log_main(f"warning: {what} step {step} skipped (non-finite loss or gradient); {extra['consecutive_skips']} in a row")
+    extra[key] = extra.get(key, 0) + 1
+    log_main(f"warning: {what} step {step} skipped (non-finite loss or gradient); {extra[key]} in a row")
     limit = cfg.training.max_consecutive_skips
-    if extra["consecutive_skips"] >= limit:
+    if extra[key] >= limit:
         from mrlhf.errors import TrainingError
 
         raise TrainingError(
-            f"{what}: {extra['consecutive_skips']} optimizer steps in a row had a non-finite loss or gradient (step "
+            f"{what}: {extra[key]} optimizer steps in a row had a non-finite loss or gradient (step "
             f"{step}); stopping (training.max_consecutive_skips={limit}). Lower the learning rate or check the data."
         )
 

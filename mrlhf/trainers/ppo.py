@@ -366,7 +366,8 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
                 _sum_stats(forward_backward(actor, mbs, loss_fn, cfg.model.hidden_size, _dtype(actor), ctx.device), sums)
                 st = optimizer_step(actor, run.optimizers["actor"], cfg, extra["actor_updates"], total_steps=actor_total)
                 steps["actor"].append(st)
-                check_skip(run.state, st["skipped_step"], cfg, f"ppo iteration {iteration}: actor", extra["actor_updates"] + 1)
+                check_skip(run.state, st["skipped_step"], cfg, f"ppo iteration {iteration}: actor",
+                           extra["actor_updates"] + 1, "actor")  # fmt: skip
                 if not st["skipped_step"]:
                     extra["actor_updates"] += 1
                     if run.ema is not None:
@@ -384,7 +385,7 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
                                     cfg.critic_optimizer, cfg.critic_scheduler, critic_total)  # fmt: skip
                 steps["critic"].append(st)
                 check_skip(run.state, st["skipped_step"], cfg, f"ppo iteration {iteration}: critic",
-                           extra["critic_updates"] + 1)  # fmt: skip
+                           extra["critic_updates"] + 1, "critic")  # fmt: skip
                 if not st["skipped_step"]:
                     extra["critic_updates"] += 1
     keys_out = ("pg_loss_sum", "clipped_sum", "approx_kl_sum", "actor_tokens", "ptx_nll_sum", "value_loss_sum",

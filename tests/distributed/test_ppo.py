@@ -164,11 +164,14 @@ def test_nan_loss_on_one_rank_skips_the_step_everywhere(tmp_path):
             assert torch.equal(p, r["initial"]["actor"][name][0]), name
         moved = max(rel_diff(p, r["initial"]["critic"][n][0]) for n, (p, _, _) in r["params"]["critic"].items())
         assert moved > 1e-4  # the critic's step went ahead
-    msgs = run_ranks(ppo_error_rank, 2, str(tmp_path / "b"), {},
-                     ["training.train_steps=4", "training.max_consecutive_skips=2", "ppo.estimator=grpo"],
-                     env={"MRLHF_FAULT_NAN_LOSS": "0:*"})  # fmt: skip
-    for m in msgs:
-        assert m is not None and "2 optimizer steps in a row" in m and "max_consecutive_skips=2" in m, m
+    # an actor whose loss is always NaN stops the run after K skips in a row -- also under GAE, where the critic's
+    # good steps in between must not reset the actor's count
+    for estimator in ("grpo", "gae"):
+        msgs = run_ranks(ppo_error_rank, 2, str(tmp_path / f"b_{estimator}"), {},
+                         ["training.train_steps=4", "training.max_consecutive_skips=2", f"ppo.estimator={estimator}"],
+                         env={"MRLHF_FAULT_NAN_LOSS": "0:*"})  # fmt: skip
+        for m in msgs:
+            assert m is not None and ": actor: 2 optimizer steps in a row" in m and "max_consecutive_skips=2" in m, m
 
 
 def test_nan_reward_drops_its_sample_and_empty_responses_stay_finite(tmp_path):
