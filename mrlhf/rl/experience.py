@@ -61,8 +61,6 @@ class Experience:
     """[b, W] float32 action positions that enter the value loss (action_mask minus dropped rows)."""
     kl: torch.Tensor | None = None
     """[b, W] per-token KL estimate to the reference."""
-    rewards: torch.Tensor | None = None
-    """[b, W] per-token rewards (KL penalty and the score at the last action) where the estimator uses them."""
     advantages: torch.Tensor | None = None
     """[b, W] advantages (0 outside the loss mask)."""
     returns: torch.Tensor | None = None
