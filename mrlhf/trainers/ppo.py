@@ -533,7 +533,8 @@ def memory_report(run: PPORun, device, kv_bytes: float = 0.0) -> dict[str, float
 
 
 def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
-    """Run ``training.train_steps`` PPO iterations; returns per-iteration records and the trained roles."""
+    """Run ``training.train_steps`` PPO iterations; returns per-iteration records, the trained roles and their
+    optimizers."""
     p, t = cfg.ppo, cfg.training
     if not cfg.generation.temperature > 0:
         raise ConfigError("ppo needs generation.temperature > 0 (rollouts are sampled; greedy has no log-probs)")
@@ -605,7 +606,7 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         r = records[-1]
         log_main(f"PPO done: iteration {state.step} reward {r['reward_raw_mean']:.4f} kl {r['kl_per_sequence']:.4f} "
                  f"skipped steps {state.extra.get('skipped_steps', 0)}")  # fmt: skip
-    return {"records": records, "roles": run.roles, "ema": run.ema, "state": state,
+    return {"records": records, "roles": run.roles, "ema": run.ema, "state": state, "optimizers": run.optimizers,
             "output_dir": os.path.abspath(t.output_dir)}  # fmt: skip
 
 

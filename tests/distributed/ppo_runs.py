@@ -51,13 +51,18 @@ def _params(model) -> dict[str, tuple[torch.Tensor, bool, int]]:
     out = {}
     for n, p in model.named_parameters():
         name = model.global_name(n)
-        out[name] = (p.detach().clone(), bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", 0))
+        out[name] = (
+            p.detach().clone(),
+            bool(getattr(p, "tensor_model_parallel", False)),
+            getattr(p, "partition_dim", 0),
+        )
     return out
 
 
 def ppo_rank(rank: int, out: str, layout: dict[str, int], extra: list[str], initial: bool = False) -> dict:
-    """Run PPO; return the per-iteration records, the trained roles' parameters (local shards, global names) and this
-    rank's coordinates. ``initial``: also the parameters a fresh build starts from (random init runs)."""
+    """Run PPO; return the per-iteration records, the trained roles' parameters (local shards, global names), their
+    optimizers' state and this rank's coordinates. ``initial``: also the parameters a fresh build starts from (random
+    init runs)."""
     from megatron.core import parallel_state as ps
 
     from mrlhf.config import load_config
@@ -75,10 +80,15 @@ def ppo_rank(rank: int, out: str, layout: dict[str, int], extra: list[str], init
     res = {
         "records": result["records"],
         "params": params,
-        "coord": (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank()),
+        "coord": (
+            ps.get_tensor_model_parallel_rank(),
+            ps.get_pipeline_model_parallel_rank(),
+            ps.get_data_parallel_rank(),
+        ),
         "tp": ps.get_tensor_model_parallel_world_size(),
         "extra": result["state"].extra,
         "roles": sorted(roles),
+        "optimizers": {r: o.state_dict() for r, o in result["optimizers"].items()},
     }
     if initial:
         vocab = roles["actor"].backbone.real_vocab_size
@@ -106,7 +116,9 @@ def prepare_rank(rank: int, out: str, layout: dict[str, int], extra: list[str], 
     from mrlhf.parallel.state import init_distributed
     from mrlhf.trainers.ppo import prepare_ppo
 
-    cfg = load_config(TINY, ppo_overrides(out, layout, [f"ppo.actor_load_dir={sft}", f"ppo.critic_load_dir={rm}", *extra]))
+    cfg = load_config(
+        TINY, ppo_overrides(out, layout, [f"ppo.actor_load_dir={sft}", f"ppo.critic_load_dir={rm}", *extra])
+    )
     ctx = init_distributed(cfg, "ppo")
     run = prepare_ppo(cfg, ctx)
     vocab = run.roles["actor"].backbone.real_vocab_size

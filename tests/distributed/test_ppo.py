@@ -1,22 +1,31 @@
-"""PPO on the 3D-parallel backbone: layouts equal TP1, rollout log-probs equal training log-probs, exact resume,
-the failure policy, role loading and offload.
+"""PPO on the 3D-parallel backbone: layouts equal TP1 (GAE, GRPO, RLOO, REINFORCE++), rollout log-probs equal
+training log-probs, exact resume (optimizer state included), the failure policy, role loading and offload, the
+logged metrics, the ptx loss, the critic's own optimizer.
 
 Tolerance of the layout tests: per tensor, max |got - want| <= 1e-5 * max |want| (fp32, gloo); losses within 1e-5
 relative.
 """
 
+import json
 import math
 import os
 
 import pytest
 import torch
 from harness import run_ranks
-from ppo_runs import ppo_error_rank, ppo_rank, prepare_rank, rm_checkpoint_rank
+from ppo_runs import DEMO, ppo_error_rank, ppo_overrides, ppo_rank, prepare_rank, rm_checkpoint_rank
+from sft_runs import TINY
 from stage_runs import sft_checkpoint_rank
 
 REL_TOL = 1e-5
 LAYOUTS = {"tp2": ({"tp": 2}, 2), "pp2": ({"pp": 2}, 2), "dp2": ({}, 2), "tp2pp2": ({"tp": 2, "pp": 2}, 4)}
+PTX = os.path.join(DEMO, "sft_train.jsonl")  # SFT-format data of the ptx loss
 LOSSES = ("pg_loss", "value_loss", "reward_raw_mean", "kl_per_sequence", "entropy", "approx_kl")
+# what every GAE iteration logs (docs/ppo.md's metrics list)
+METRICS = ("reward_raw_mean", "reward_raw_std", "reward_mean", "reward_std", "kl_per_sequence", "entropy",
+           "clip_fraction", "approx_kl", "value_loss", "explained_variance", "response_length", "truncation_rate",
+           "logprob_mismatch_max", "logprob_mismatch_mean", "skipped_steps", "time_generate_s", "time_experience_s",
+           "time_train_s")  # fmt: skip
 
 
 def shard(full: torch.Tensor, tp_split: bool, dim: int, name: str, tp: int, tp_rank: int) -> torch.Tensor:
@@ -68,7 +77,11 @@ def gae_ref(tmp_path_factory):
 
 
 def test_one_iteration_changes_the_roles(gae_ref):
+    """One GAE iteration moves both trained roles and logs every metric of METRICS, each finite."""
     rec = gae_ref["records"][0]
+    missing = [k for k in METRICS if k not in rec]
+    assert not missing, missing
+    assert all(math.isfinite(rec[k]) for k in METRICS), {k: rec[k] for k in METRICS}
     assert rec["pg_loss"] != 0 and rec["value_loss"] > 0 and rec["actor_grad_norm"] > 0
     for role in ("actor", "critic"):
         moved = max(rel_diff(p, gae_ref["initial"][role][n][0]) for n, (p, _, _) in gae_ref["params"][role].items())
@@ -97,6 +110,78 @@ def test_grpo_tp2pp2_matches_single_process(tmp_path):
     assert_params_match(results, ref, roles=("actor",))
 
 
+@pytest.mark.parametrize("estimator", ["reinforce++", "rloo"])
+def test_reinforce_and_rloo_layouts_match_single_process(estimator, tmp_path):
+    """The critic-free REINFORCE++ (whitened discounted returns, one sample per prompt: microbatches of 2 so DP2's 4
+    sequences per rank still make 2 minibatches) and RLOO end to end: PP2 and DP2 equal TP1 within REL_TOL (records
+    and actor parameters), and the update is not a no-op."""
+    extra = {"reinforce++": ["ppo.estimator=reinforce++", "ppo.n_samples=1", "training.micro_batch_size=2"],
+             "rloo": ["ppo.estimator=rloo", "ppo.n_samples=2"]}[estimator]  # fmt: skip
+    (ref,) = run_ranks(ppo_rank, 1, str(tmp_path / "ref"), {}, extra, True)
+    assert ref["roles"] == ["actor", "reference", "reward"]
+    rec = ref["records"][0]
+    assert rec["pg_loss"] != 0 and rec["actor_grad_norm"] > 0 and math.isfinite(rec["pg_loss"])
+    moved = max(rel_diff(p, ref["initial"]["actor"][n][0]) for n, (p, _, _) in ref["params"]["actor"].items())
+    assert moved > 1e-4
+    for name in ("pp2", "dp2"):
+        layout, world = LAYOUTS[name]
+        results = run_ranks(ppo_rank, world, str(tmp_path / name), layout, extra)
+        for r in results:
+            assert_records_match(r["records"], ref["records"], ("pg_loss", "reward_raw_mean", "entropy", "approx_kl",
+                                                                "kl_per_sequence"))  # fmt: skip
+        assert_params_match(results, ref, roles=("actor",))
+
+
+CRITIC_LR, CRITIC_CLIP = 2e-4, 1e-6
+
+
+@pytest.fixture(scope="module")
+def variant_run(tmp_path_factory):
+    """gae_ref with two independent changes: a ptx loss on the actor, and the critic's own optimizer (another lr, a
+    constant schedule, clip_grad 1e-6). Neither touches the other role within one iteration: the experience (values
+    and advantages) is made before either model steps."""
+    extra = [f"ppo.ptx_path={PTX}", "ppo.ptx_coef=0.1", "ppo.ptx_batch_size=4",
+             f"critic_optimizer.lr={CRITIC_LR}", f"critic_optimizer.clip_grad={CRITIC_CLIP}",
+             "critic_optimizer.weight_decay=0", "critic_scheduler.decay=constant"]  # fmt: skip
+    (run,) = run_ranks(ppo_rank, 1, str(tmp_path_factory.mktemp("ppo_variant")), {}, extra, True)
+    return run
+
+
+def max_change(run: dict, role: str) -> float:
+    return max(float((p - run["initial"][role][n][0]).abs().max()) for n, (p, _, _) in run["params"][role].items())
+
+
+def test_ptx_loss_changes_the_actor_update(variant_run, gae_ref):
+    """ppo.ptx_coef=0.1 vs gae_ref (ptx_coef 0): the same rollout (its records equal bit for bit), a reported finite
+    positive ptx NLL, and actor parameters that differ by more than 1e-3 of a tensor's max somewhere."""
+    rec, ref = variant_run["records"][0], gae_ref["records"][0]
+    for k in ("reward_raw_mean", "kl_per_sequence", "response_length", "entropy"):
+        assert rec[k] == ref[k], k  # the difference below comes from the update, not another rollout
+    assert math.isfinite(rec["ptx_nll_per_minibatch"]) and rec["ptx_nll_per_minibatch"] > 0
+    assert "ptx_nll_per_minibatch" not in ref
+    diff = max(rel_diff(p, gae_ref["params"]["actor"][n][0]) for n, (p, _, _) in variant_run["params"]["actor"].items())
+    assert diff > 1e-3, diff
+
+
+def test_critic_has_its_own_lr_schedule_and_gradient_clipping(variant_run):
+    """critic_optimizer/critic_scheduler drive the critic, optimizer/scheduler the actor.
+
+    LR: the actor's cosine schedule (warmup 0, lr 5e-4, min_lr 0) over its 2 steps gives step 1 (the last, logged;
+    progress 1/2) 5e-4 * 0.5 * (1 + cos(pi / 2)); the critic's constant one gives CRITIC_LR. Clipping: after clipping
+    to norm c every gradient element has |g| <= c, and an Adam step moves an element by
+    lr * |m_hat| / (sqrt(v_hat) + eps) <= lr * c / eps (m_hat is a weighted average of past gradients; no weight
+    decay), so 2 steps at c = 1e-6, eps 1e-4 move the critic by at most 2 * CRITIC_LR * 1e-2 = 4e-6 (unclipped it moves
+    ~100x that); the actor, clipped at its own 1.0, moves far more. The logged critic_grad_norm is the norm before
+    clipping (far above c)."""
+    rec = variant_run["records"][0]
+    assert rec["actor_lr"] == pytest.approx(5e-4 * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-12), rec["actor_lr"]
+    assert rec["critic_lr"] == CRITIC_LR
+    bound = 2 * CRITIC_LR * CRITIC_CLIP / 1e-4
+    assert max_change(variant_run, "critic") <= bound, (max_change(variant_run, "critic"), bound)
+    assert max_change(variant_run, "actor") > 10 * bound
+    assert rec["critic_grad_norm"] > 1e3 * CRITIC_CLIP, rec["critic_grad_norm"]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_logprobs_equal_training_logprobs(temperature, tmp_path):
     extra = [f"generation.temperature={temperature}", "ppo.num_minibatches=1"]
@@ -115,7 +200,9 @@ def test_old_logprobs_from_the_rollout_match_the_recompute(tmp_path):
     extra = ["ppo.num_minibatches=1", "ppo.ppo_epochs=2"]
     (ref,) = run_ranks(ppo_rank, 1, str(tmp_path / "recompute"), {}, extra)
     for layout, world in (({}, 1), ({"pp": 2}, 2)):
-        results = run_ranks(ppo_rank, world, str(tmp_path / f"rollout{world}"), layout, extra + ["ppo.old_logprobs=rollout"])
+        results = run_ranks(
+            ppo_rank, world, str(tmp_path / f"rollout{world}"), layout, extra + ["ppo.old_logprobs=rollout"]
+        )
         for r in results:  # the KL (k1, in the reward) is read off the rollout's log-probs: see below
             assert_records_match(r["records"], ref["records"], tuple(k for k in LOSSES if k != "kl_per_sequence"))
         assert_params_match(results, ref)
@@ -130,10 +217,9 @@ def test_old_logprobs_from_the_rollout_match_the_recompute(tmp_path):
 def test_resume_mid_run_is_bitwise_equal(tmp_path):
     from sft_runs import set_fault
 
-    ptx = os.path.join(os.path.dirname(__file__), "..", "..", "mrlhf", "assets", "demo", "sft_train.jsonl")
     common = ["training.train_steps=3", "checkpoint.enabled=true", "checkpoint.save_interval=1",
               "ppo.kl_controller=adaptive", "ppo.kl_target=0.01", "ppo.kl_horizon=100", "ppo.ema_decay=0.5",
-              f"ppo.ptx_path={os.path.abspath(ptx)}", "ppo.ptx_coef=0.1", "ppo.ptx_batch_size=4",
+              f"ppo.ptx_path={PTX}", "ppo.ptx_coef=0.1", "ppo.ptx_batch_size=4",
               "ppo.ppo_epochs=2", "ppo.critic_warmup_iterations=1"]  # fmt: skip
     full = run_ranks(ppo_rank, 2, str(tmp_path / "full"), {}, common)
     out = str(tmp_path / "killed")
@@ -149,6 +235,15 @@ def test_resume_mid_run_is_bitwise_equal(tmp_path):
         assert got == want
         for k in ("kl_controller", "reward_normalizer", "actor_updates", "critic_updates", "ptx_consumed"):
             assert a["extra"][k] == b["extra"][k], k
+        assert sorted(a["optimizers"]) == sorted(b["optimizers"]) == ["actor", "critic"]
+        for role, opt in a["optimizers"].items():  # AdamW's moments and step counts, bit for bit
+            want, got = opt["inner"], b["optimizers"][role]["inner"]
+            assert got["param_groups"] == want["param_groups"], role
+            assert sorted(got["state"]) == sorted(want["state"]) and want["state"], role
+            for i, st in want["state"].items():
+                assert sorted(st) == sorted(got["state"][i]) == ["exp_avg", "exp_avg_sq", "step"], (role, i)
+                for k, v in st.items():
+                    assert torch.equal(v, got["state"][i][k]), (role, i, k)
         for role in a["params"]:
             for name, (p, _, _) in a["params"][role].items():
                 assert torch.equal(p, b["params"][role][name][0]), (role, name)
@@ -174,11 +269,28 @@ def test_nan_loss_on_one_rank_skips_the_step_everywhere(tmp_path):
             assert m is not None and ": actor: 2 optimizer steps in a row" in m and "max_consecutive_skips=2" in m, m
 
 
-def test_nan_reward_drops_its_sample_and_empty_responses_stay_finite(tmp_path):
+def test_nan_reward_drops_its_sample_and_empty_responses_stay_finite(tmp_path, capfd):
+    """Sequence 3 gets a NaN reward: it is dropped, rank 0 names it once (sample 3 % 2 = 1 of the iteration's prompt
+    3 // 2 = 1, with that prompt's text), and nothing logged or trained turns non-finite. The forked ranks write to
+    the test's fd 1, which capfd reads."""
+    from mrlhf.config import load_config
+    from mrlhf.data.datasets import global_batch_indices
+    from mrlhf.trainers.ppo import load_ppo_data
+
+    cfg = load_config(TINY, ppo_overrides(str(tmp_path / "data"), {}, []))
+    tokenizer, prompts, _ = load_ppo_data(cfg)
+    idx = global_batch_indices(len(prompts.train), cfg.training.seed, 0, cfg.training.global_batch_size)[3 // 2]
+    text = tokenizer.decode(list(prompts.train[idx]))
+    with open(os.path.join(DEMO, "prompts_train.jsonl")) as f:  # every demo row is kept: index = file row
+        assert json.loads(f.readlines()[idx])["prompt"] in text, text
+    want = f"warning: non-finite reward for sample 1 of prompt {idx} ({text!r}): dropped"
     env = {"MRLHF_FAULT_NAN_REWARD": "3", "MRLHF_FAULT_EMPTY_RESPONSE": "0,9"}
     for estimator in ("gae", "grpo"):
         extra = [f"ppo.estimator={estimator}", "ppo.n_samples=2"]
+        capfd.readouterr()
         results = run_ranks(ppo_rank, 2, str(tmp_path / estimator), {"pp": 2}, extra, env=env)
+        warnings = [line for line in capfd.readouterr().out.splitlines() if "non-finite reward" in line]
+        assert len(warnings) == 1 and warnings[0].endswith(want), (warnings, want)
         rec = results[0]["records"][0]
         assert rec["dropped_samples"] == 1.0
         assert all(math.isfinite(v) for v in rec.values() if isinstance(v, float)), rec
@@ -189,17 +301,25 @@ def test_nan_reward_drops_its_sample_and_empty_responses_stay_finite(tmp_path):
 
 
 def test_roles_load_from_sft_and_rm_checkpoints_and_frozen_roles_are_offloaded(tmp_path):
+    """Each role equals the checkpoint it loads (exactly), the frozen ones are offloaded, and the reward normaliser
+    starts from the reward statistics the RM stored with its checkpoint (std within 1e-12: it is kept as m2)."""
+    from mrlhf import checkpoint as ckpt
+
     sft_out, rm_out = str(tmp_path / "sft"), str(tmp_path / "rm")
     run_ranks(sft_checkpoint_rank, 1, sft_out, "llama")
     sft = os.path.join(sft_out, "checkpoints")
     run_ranks(rm_checkpoint_rank, 1, rm_out, sft)
     rm = os.path.join(rm_out, "checkpoints")
+    stats = ckpt.read_meta(ckpt.latest_checkpoint(rm))["train_state"]["extra"]["reward_stats"]
+    assert stats["count"] > 0 and stats["std"] > 0, stats
     for layout, world in (({}, 1), ({"tp": 2}, 2)):
         for r in run_ranks(prepare_rank, world, str(tmp_path / f"p{world}"), layout, [], sft, rm):
             assert r["roles"] == ["actor", "critic", "reference", "reward"]
             assert all(d == 0.0 for d in r["diffs"].values()), r["diffs"]
             assert r["offloaded"] == {"reference": True, "reward": True}
-            assert r["normalizer"]["count"] > 0  # initialised from the RM's held-out statistics
+            norm = r["normalizer"]  # initialised from the RM's held-out statistics
+            assert norm["mean"] == stats["mean"] and norm["count"] == stats["count"], (norm, stats)
+            assert norm["std"] == pytest.approx(stats["std"], rel=1e-12), (norm, stats)
     # a checkpoint of another shape is refused, naming the checkpoint and the field
     msgs = run_ranks(ppo_error_rank, 1, str(tmp_path / "bad"), {},
                      [f"ppo.actor_load_dir={sft}", f"ppo.critic_load_dir={rm}", "model.hidden_size=128"])  # fmt: skip
@@ -222,18 +342,14 @@ def test_memory_report_per_phase_with_and_without_offload(tmp_path):
 
 
 def _calls(directory) -> list[tuple[int, ...]]:
-    return [tuple(int(x) for x in line.split()) for f in sorted(directory.iterdir()) for line in f.read_text().split("\n")
-            if line]  # fmt: skip
+    lines = [line for f in sorted(directory.iterdir()) for line in f.read_text().split("\n") if line]
+    return [tuple(int(x) for x in line.split()) for line in lines]
 
 
 def test_reward_function_layouts_match_single_process_and_it_runs_once_per_sample(tmp_path, monkeypatch):
     """GRPO scored by a Python function: TP2xPP2 and PP2xDP2 equal TP1 (same tolerance as above); the function runs
     on TP rank 0 of the last stage only, once per sample, and the prompt rows' columns reach it aligned (it checks
     each prompt's 'answer' column and fails the run otherwise). No reward model is built."""
-    import json
-
-    from ppo_runs import DEMO
-
     from mrlhf.demo.task import parse_prompt
 
     data = tmp_path / "prompts.jsonl"
