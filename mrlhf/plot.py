@@ -9,13 +9,14 @@ from mrlhf.errors import DataError
 
 # Figures of a PPO run (metrics that a run does not have are left out; other stages get one figure per metric).
 GROUPS = {
-    "reward": ("reward_raw_mean", "reward_mean"),
-    "kl": ("kl_per_sequence", "kl_coef"),
+    "reward": ("reward_raw_mean", "reward_raw_std", "reward_mean", "reward_std"),
+    "kl": ("kl_per_sequence", "kl_per_token", "kl_coef"),
     "policy": ("pg_loss", "clip_fraction", "approx_kl", "entropy"),
     "critic": ("value_loss", "value_clip_fraction", "explained_variance"),
     "responses": ("response_length", "truncation_rate"),
     "logprob_mismatch": ("logprob_mismatch_mean", "logprob_mismatch_max"),
-    "time": ("time_generate_s", "time_experience_s", "time_train_s"),
+    "skipped": ("skipped_steps", "skipped_steps_total"),
+    "time": ("time_generate_s", "time_experience_s", "time_reward_function_s", "time_train_s"),
 }
 
 
@@ -37,6 +38,23 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
+def figure_groups(records: list[dict]) -> tuple[str, dict[str, list[str]]]:
+    """The x axis and the curves of each figure: ``(x_key, {figure name: [metric, ...]})``.
+
+    A PPO run (records keyed by ``iteration``) gets the ``GROUPS`` figures, each with the metrics the run has; other
+    stages (keyed by ``step``) one figure per numeric metric. Keyed by the x axis, not by which metrics appear:
+    SFT/RM/DPO records also carry ``skipped_steps_total``."""
+    x_key = "iteration" if "iteration" in records[0] else "step"
+    numeric = {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != x_key}
+    groups = {}
+    if x_key == "iteration":
+        groups = {name: [k for k in keys if k in numeric] for name, keys in GROUPS.items()}
+        groups = {name: keys for name, keys in groups.items() if keys}
+    if not groups:  # not a PPO run (or one with none of the PPO metrics): one figure per metric
+        groups = {k: [k] for k in sorted(numeric) if not k.startswith(("mem_", "consumed"))}
+    return x_key, groups
+
+
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """Write PNGs under ``out_dir`` (default RUN_DIR/plots); returns their paths."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -53,12 +71,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_key = "iteration" if "iteration" in records[0] else "step"
-    numeric = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != x_key})
-    groups = {name: [k for k in keys if k in numeric] for name, keys in GROUPS.items()}
-    groups = {name: keys for name, keys in groups.items() if keys}
-    if not groups:  # not a PPO run: one figure per metric
-        groups = {k: [k] for k in numeric if not k.startswith(("mem_", "consumed"))}
+    x_key, groups = figure_groups(records)
     out_dir = out_dir or os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     written = []

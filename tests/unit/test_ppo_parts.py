@@ -456,6 +456,64 @@ def test_plot_ppo_run_writes_one_png_per_present_group(tmp_path: Path) -> None:
         assert Path(p).read_bytes()[:8] == PNG_MAGIC
 
 
+# One PPO record per iteration with the newer metrics: spreads, KL per token, skip counts, the reward function's time.
+FULL_PPO_RECORDS = [
+    {"iteration": i, "reward_raw_mean": 0.1 * i, "reward_raw_std": 0.5, "reward_mean": 0.2 * i, "reward_std": 1.0,
+     "kl_per_sequence": 0.01 * i, "kl_per_token": 0.001 * i, "kl_coef": 0.05, "logprob_mismatch_max": 1e-6,
+     "skipped_steps": 0.0, "skipped_steps_total": 0.0, "time_generate_s": 0.5, "time_reward_function_s": 0.01,
+     "time_train_s": 0.7, "dropped_samples": 0.0}
+    for i in range(1, 3)
+]  # fmt: skip
+
+
+def test_plot_groups_of_a_ppo_run_include_spreads_skips_and_reward_function_time() -> None:
+    from mrlhf.plot import figure_groups
+
+    x_key, groups = figure_groups(FULL_PPO_RECORDS)
+    assert x_key == "iteration"
+    # in GROUPS order; metrics the records lack (entropy, time_experience_s, ...) are left out, as are whole figures
+    assert groups == {
+        "reward": ["reward_raw_mean", "reward_raw_std", "reward_mean", "reward_std"],
+        "kl": ["kl_per_sequence", "kl_per_token", "kl_coef"],
+        "logprob_mismatch": ["logprob_mismatch_max"],
+        "skipped": ["skipped_steps", "skipped_steps_total"],
+        "time": ["time_generate_s", "time_reward_function_s", "time_train_s"],
+    }
+
+
+def test_plot_groups_leave_out_absent_metrics() -> None:
+    from mrlhf.plot import figure_groups
+
+    # a reward-model run: no time_reward_function_s; critic warm-up: no policy metrics
+    records = [{"iteration": 1, "reward_raw_mean": 0.3, "time_generate_s": 0.5, "skipped_steps_total": 0.0}]
+    assert figure_groups(records) == (
+        "iteration",
+        {"reward": ["reward_raw_mean"], "skipped": ["skipped_steps_total"], "time": ["time_generate_s"]},
+    )
+
+
+def test_plot_groups_of_other_stages_stay_one_per_metric() -> None:
+    from mrlhf.plot import figure_groups
+
+    # SFT/RM/DPO records carry skipped_steps_total too; they are keyed by step, not grouped like PPO
+    records = [{"step": 1, "loss": 2.0, "skipped_steps_total": 0, "consumed_samples": 8}]
+    assert figure_groups(records) == ("step", {"loss": ["loss"], "skipped_steps_total": ["skipped_steps_total"]})
+
+
+def test_plot_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    from mrlhf.cli import main
+
+    run = write_run(tmp_path, FULL_PPO_RECORDS)
+    assert main(["plot", str(run)]) == 0
+    names = ["kl.png", "logprob_mismatch.png", "reward.png", "skipped.png", "time.png"]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == names
+    for name in names:
+        assert (run / "plots" / name).read_bytes()[:8] == PNG_MAGIC
+    printed = capsys.readouterr().out.split()  # one path per written figure
+    assert sorted(Path(p).name for p in printed) == names
+
+
 def test_plot_non_ppo_run_one_png_per_metric(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from mrlhf.plot import plot_run
