@@ -158,31 +158,49 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return scores.to(_acc_dtype(scores)).view(-1, group_size)
 
 
-def _zero_equal_groups(adv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Exactly 0 for groups whose rewards are all equal (no signal; avoids rounding noise)."""
-    equal = (groups == groups[:, :1]).all(-1, keepdim=True)
-    return torch.where(equal, torch.zeros_like(adv), adv)
+def _zero_unusable_groups(adv: torch.Tensor, g: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Exactly 0 for invalid rows, for groups whose valid rewards are all equal (no signal; avoids rounding noise)
+    and for groups with fewer than two valid rows (no baseline)."""
+    first = torch.where(v, g, float("inf")).min(-1, keepdim=True).values  # one valid reward of the group
+    equal = (torch.where(v, g, first) == first).all(-1, keepdim=True)
+    return torch.where(equal | (k < 2) | ~v, torch.zeros_like(adv), adv)
+
+
+def _valid_groups(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None):
+    """Scores and validity as [N // group_size, group_size] (every row valid without ``valid``), and the valid count
+    per group [G, 1]."""
+    g = _groups(scores, group_size)
+    v = torch.ones_like(g, dtype=torch.bool) if valid is None else valid.reshape(g.shape).to(g.device)
+    return g, v, v.sum(-1, keepdim=True).to(g.dtype)
 
 
 def grpo_advantages(
-    scores: torch.Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True
-) -> torch.Tensor:
-    """GRPO: ``(r - group mean) / (group std + eps)``; Dr. GRPO (scale_by_std False): ``r - group mean``. [N] -> [N]."""
-    g = _groups(scores, group_size)
-    adv = g - g.mean(-1, keepdim=True)
+    scores: torch.Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """GRPO: ``(r - group mean) / (group std + eps)``; Dr. GRPO (scale_by_std False): ``r - group mean``. [N] -> [N].
+    ``valid`` [N] bool: only valid rows enter their group's mean and (sample) std, invalid rows get 0 -- a dropped
+    sample changes nobody's baseline; a group with fewer than two valid rows has no baseline and gets 0."""
+    g, v, k = _valid_groups(scores, group_size, valid)
+    mean = torch.where(v, g, 0.0).sum(-1, keepdim=True) / k.clamp(min=1)
+    adv = g - mean
     if scale_by_std and g.numel():
-        adv = adv / (g.std(-1, keepdim=True) + eps)
-    return _zero_equal_groups(adv, g).reshape(-1).to(scores.dtype)
+        var = torch.where(v, adv**2, 0.0).sum(-1, keepdim=True) / (k - 1).clamp(min=1)
+        adv = adv / (var.sqrt() + eps)
+    return _zero_unusable_groups(adv, g, v, k).reshape(-1).to(scores.dtype)
 
 
-def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RLOO: each reward minus the mean of the other ``group_size - 1`` rewards of its group: [N] -> [N]."""
-    g = _groups(scores, group_size)
-    adv = g - (g.sum(-1, keepdim=True) - g) / (group_size - 1)
-    return _zero_equal_groups(adv, g).reshape(-1).to(scores.dtype)
+def rloo_advantages(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """RLOO: each reward minus the mean of the other ``group_size - 1`` rewards of its group: [N] -> [N]. With
+    ``valid`` [N] bool, the other *valid* rewards (k - 1 of them); invalid rows and groups of fewer than two valid rows
+    get 0."""
+    g, v, k = _valid_groups(scores, group_size, valid)
+    total = torch.where(v, g, 0.0).sum(-1, keepdim=True)
+    adv = g - (total - g) / (k - 1).clamp(min=1)
+    return _zero_unusable_groups(adv, g, v, k).reshape(-1).to(scores.dtype)
 
 
-def _est_gae(scores, kl_rewards, mask, values, gamma, lam, group_size, eps, scale_by_std, whiten, reduce):
+def _est_gae(scores, kl_rewards, mask, values, gamma, lam, group_size, eps, scale_by_std, whiten, reduce, valid):
     if values is None:
         raise ValueError("gae needs the critic's values")
     rewards = _add_scores_at_last_token(kl_rewards, scores, mask)
@@ -192,7 +210,8 @@ def _est_gae(scores, kl_rewards, mask, values, gamma, lam, group_size, eps, scal
     return adv, returns
 
 
-def _est_reinforce_pp(scores, kl_rewards, mask, values, gamma, lam, group_size, eps, scale_by_std, whiten, reduce):
+def _est_reinforce_pp(scores, kl_rewards, mask, values, gamma, lam, group_size, eps, scale_by_std, whiten, reduce,
+                      valid):  # fmt: skip
     rewards = _add_scores_at_last_token(kl_rewards, scores, mask)
     returns = discounted_returns(rewards, mask, gamma)
     return masked_whiten(returns, mask, reduce=reduce), None
@@ -208,13 +227,13 @@ def _broadcast(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _mask_out(adv.reshape(-1, 1).expand(mask.shape), mask)
 
 
-def _est_grpo(scores, kl_rewards, mask, values, gamma, lam, group_size, eps, scale_by_std, whiten, reduce):
-    adv = grpo_advantages(_seq_scores(scores, kl_rewards, mask), group_size, eps=eps, scale_by_std=scale_by_std)
+def _est_grpo(scores, kl_rewards, mask, values, gamma, lam, group_size, eps, scale_by_std, whiten, reduce, valid):
+    adv = grpo_advantages(_seq_scores(scores, kl_rewards, mask), group_size, eps, scale_by_std, valid)
     return _broadcast(adv, mask), None
 
 
-def _est_rloo(scores, kl_rewards, mask, values, gamma, lam, group_size, eps, scale_by_std, whiten, reduce):
-    return _broadcast(rloo_advantages(_seq_scores(scores, kl_rewards, mask), group_size), mask), None
+def _est_rloo(scores, kl_rewards, mask, values, gamma, lam, group_size, eps, scale_by_std, whiten, reduce, valid):
+    return _broadcast(rloo_advantages(_seq_scores(scores, kl_rewards, mask), group_size, valid), mask), None
 
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
@@ -242,8 +261,11 @@ def compute_advantages(
     scale_by_std: bool = True,
     whiten: bool = True,
     reduce: Reduce | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token advantages [b, s] and critic returns [b, s] (None without a critic) from scores [b] and KL terms [b, s]."""
+    """Token advantages [b, s] and critic returns [b, s] (None without a critic) from scores [b] and KL terms [b, s].
+    ``valid`` [b] bool: rows with a finite reward; group estimators take their baselines from valid rows only (the
+    per-token estimators see dropped rows through ``action_mask``, which must be 0 on them)."""
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {sorted(ADVANTAGE_ESTIMATORS)}")
     if kl_rewards.shape != action_mask.shape:
@@ -251,7 +273,7 @@ def compute_advantages(
     if scores.numel() != action_mask.shape[0]:
         raise ValueError(f"{scores.numel()} scores for {action_mask.shape[0]} rows")
     return ADVANTAGE_ESTIMATORS[estimator](
-        scores, kl_rewards, action_mask, values, gamma, lam, group_size, eps, scale_by_std, whiten, reduce
+        scores, kl_rewards, action_mask, values, gamma, lam, group_size, eps, scale_by_std, whiten, reduce, valid
     )
 
 

@@ -134,8 +134,9 @@ def shape(
 ) -> None:
     """Last stage: scores, KL, rewards, advantages and returns of ``exp`` (in place).
 
-    A non-finite raw score drops its sequence: it leaves every loss and statistic (its row's masks become 0) and its
-    score is replaced by the mean of the finite scores of its group, so the group baseline of the others is unchanged.
+    A non-finite raw score drops its sequence: it leaves every loss and statistic (its row's masks become 0), group
+    baselines are taken from the valid rows only (``valid=``), and its score is replaced by the mean of the finite
+    scores of its group (so no NaN flows anywhere).
     """
     p = cfg.ppo
     raw = exp.raw_scores.clone()
@@ -166,7 +167,7 @@ def shape(
     advantages, returns = compute_advantages(
         p.estimator, scores, kl_rewards, critic_mask, exp.values,
         gamma=p.gamma, lam=p.lam, group_size=n, eps=p.group_eps, scale_by_std=p.group_scale_by_std,
-        whiten=p.whiten_advantages, reduce=reduce,
+        whiten=p.whiten_advantages, reduce=reduce, valid=valid,
     )  # fmt: skip
     exp.advantages = advantages * exp.loss_mask
     exp.returns = returns

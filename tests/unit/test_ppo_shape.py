@@ -139,3 +139,24 @@ def test_non_finite_score_drops_its_row_and_takes_its_groups_finite_mean() -> No
     assert normalizer.count == 4
     assert normalizer.mean == pytest.approx(1.75, abs=1e-12)
     assert normalizer.std == pytest.approx(math.sqrt(2.1875), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "estimator, extra, want",
+    [
+        # RLOO, group [nan, 1, 4]: the survivors' leave-one-out baselines are each other, 1 - 4 = -3 and 4 - 1 = 3
+        # (counting the filled 2.5 as a third reward would give -2.25 and 2.25)
+        ("rloo", [], [0.0, -3.0, 3.0]),
+        # GRPO: mean 2.5 and sample std sqrt((1.5^2 + 1.5^2) / 1) = sqrt(4.5) of the survivors: -+1.5 / sqrt(4.5)
+        # = -+0.70710678 (the filled row in the std would give -+1.0)
+        ("grpo", ["ppo.group_eps=1e-6"], [0.0, -1.5 / (4.5**0.5 + 1e-6), 1.5 / (4.5**0.5 + 1e-6)]),
+    ],
+)
+def test_a_dropped_row_changes_no_group_baseline(estimator: str, extra: list[str], want: list[float]) -> None:
+    """Group baselines come from the valid rows only; the second group has one valid row left: no baseline, all 0."""
+    cfg = config(f"ppo.estimator={estimator}", "ppo.n_samples=3", *extra)
+    exp = rollout([[7, EOS]] * 6, [False] * 6, 3, [NAN, 1.0, 4.0, NAN, INF, 5.0])
+    shape(exp, cfg, 0.05, RewardNormalizer(), one_process_reduce)
+    assert exp.valid.tolist() == [False, True, True, False, False, True]
+    got = exp.advantages[:, 0].tolist()
+    assert got[:3] == pytest.approx(want, abs=1e-6) and got[3:] == [0.0, 0.0, 0.0], got
