@@ -53,7 +53,10 @@ def load(spec: str) -> Callable[..., Any]:
 
 
 def texts(exp: Experience, tokenizer, eos_id: int) -> tuple[list[str], list[str]]:
-    """Prompt and response text of every row of ``exp``: the prompt ends where the action mask starts."""
+    """Prompt and response text of every row of ``exp``: the prompt ends where the action mask starts. Token ids the
+    tokenizer does not have (a model whose embedding is wider than the tokenizer, as Qwen2's is, can sample its
+    unused rows) are left out of the text rather than failing the decode."""
+    vocab = tokenizer.vocab_size
     prompts, responses = [], []
     starts = exp.action_mask.argmax(dim=1).tolist()  # [b]: label position of the first response token = P - 1
     for i, (start, length) in enumerate(zip(starts, exp.response_length.tolist())):
@@ -63,8 +66,8 @@ def texts(exp: Experience, tokenizer, eos_id: int) -> tuple[list[str], list[str]
             prompt = prompt[1:]
         if response and response[-1] == eos_id:
             response = response[:-1]
-        prompts.append(tokenizer.decode(prompt))
-        responses.append(tokenizer.decode(response))
+        prompts.append(tokenizer.decode([t for t in prompt if t < vocab]))
+        responses.append(tokenizer.decode([t for t in response if t < vocab]))
     return prompts, responses
 
 

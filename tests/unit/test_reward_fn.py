@@ -124,6 +124,14 @@ def test_texts_are_the_rendered_prompt_and_the_response_without_eos(tok):
     assert [judge.score(p, r) for p, r in zip(got_prompts, got_responses)] == [1.0, 1.0]
 
 
+def test_ids_beyond_the_tokenizer_are_left_out_of_the_text(tok):
+    """A model wider than its tokenizer can sample ids the tokenizer cannot decode (sentencepiece raises)."""
+    exp = _rollout(tok, ["a"], ["xy"], ended=[True])
+    exp.tokens[0, 1 + len(tok.encode("a"))] = tok.vocab_size + 5  # the first response token: past the last piece
+    prompts, responses = texts(exp, tok, tok.eos_id)
+    assert responses == [tok.decode(tok.encode("xy")[1:])] and prompts == [tok.decode(tok.encode("a"))]
+
+
 class Rows:
     """A prompt dataset stand-in: ``columns(i)`` of the prompt rows."""
 
