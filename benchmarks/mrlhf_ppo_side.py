@@ -120,4 +120,5 @@ def mrlhf_side(algo: str, iterations: int, warmup: int, threads: int = 2) -> dic
 if __name__ == "__main__":
     import sys
 
+    sys.path.insert(0, ROOT)  # GRPO's reward function is imported by name: benchmarks.mrlhf_ppo_side:digit_share
     print(json.dumps(mrlhf_side(sys.argv[1] if len(sys.argv) > 1 else "ppo", 3, 1)))

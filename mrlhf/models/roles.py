@@ -93,17 +93,28 @@ class RoleModel(torch.nn.Module):
         attention_mask: torch.Tensor | None,
         input_tensor: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        logits_from: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Last stage: log-probs of ``targets`` [b, s] (actor/reference; with ``set_lm_output(entropy=True)`` also the
+        entropy [b, s]), values [b, s] (critic) or scores [b] (reward); earlier stages: hidden states [s, b, h].
+        ``logits_from`` (0-dim host int): LM heads skip the positions before it -- the prompt's, in PPO -- and return
+        0 there: the output layer, log-softmax and entropy then cost (s - logits_from) / s of a full pass, in FLOPs
+        and in logits memory ([s, b, v/tp] fp32 is the largest activation of an RLHF step)."""
         hidden = backbone_forward(self.backbone, tokens, position_ids, attention_mask, input_tensor)
         if not self.post_process:
             return hidden
         if self.has_lm_head:
             assert targets is not None, "actor/reference forward on the last stage needs targets"
+            skip = int(logits_from) if logits_from is not None else 0
+            if skip:
+                hidden, targets = hidden[skip:], targets[:, skip:]  # [s, b, h] -> [s - skip, b, h]
             logits = vocab_parallel_logits(self.backbone, hidden)
             if self.lm_temperature != 1.0:
                 logits = logits / self.lm_temperature
-            logprobs = token_logprobs(logits, targets)
-            return (logprobs, vocab_parallel_entropy(logits)) if self.lm_entropy else logprobs
+            out = [token_logprobs(logits, targets)] + ([vocab_parallel_entropy(logits)] if self.lm_entropy else [])
+            if skip:
+                out = [torch.nn.functional.pad(t, (skip, 0)) for t in out]  # [b, s - skip] -> [b, s], 0 before
+            return tuple(out) if self.lm_entropy else out[0]
         if self.role == "critic":
             return self.head(hidden)
         assert attention_mask is not None

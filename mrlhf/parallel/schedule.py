@@ -29,9 +29,11 @@ def _activation_spec(mb: Microbatch, hidden_size: int, dtype: torch.dtype, devic
 
 
 def _run_forward(model, mb: Microbatch, input_tensor: torch.Tensor | None) -> torch.Tensor:
+    more = {"logits_from": mb["logits_from"]} if "logits_from" in mb else {}  # PPO microbatches: skip prompt logits
     return model(
-        mb["tokens"], mb["position_ids"], mb.get("attention_mask"), input_tensor=input_tensor, targets=mb.get("labels")
-    )
+        mb["tokens"], mb["position_ids"], mb.get("attention_mask"), input_tensor=input_tensor, targets=mb.get("labels"),
+        **more,
+    )  # fmt: skip
 
 
 def pseudo_free(out: torch.Tensor) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+HOST_FIELDS = ("response_start",)
+
 
 @dataclass
 class Experience:
@@ -41,6 +43,9 @@ class Experience:
     """[b] bool, the response hit max_new_tokens without EOS."""
     rollout_logprobs: torch.Tensor
     """[b, W] float32 log-probs the sampler reported for each action (0 elsewhere)."""
+    response_start: torch.Tensor
+    """[b] int64 label position of the first response token (prompt length - 1). Stays on the host (``to`` leaves
+    it), so microbatching reads it without a device sync."""
     # -- scoring: last stage ----------------------------------------------------------------------------------------
     old_logprobs: torch.Tensor | None = None
     """[b, W] actor log-probs at rollout time (the PPO ratio's denominator)."""
@@ -72,7 +77,8 @@ class Experience:
 
     def to(self, device: torch.device) -> Experience:
         """Every tensor field on ``device`` (a new record; tensors already there are shared)."""
-        moved = {f.name: (None if (v := getattr(self, f.name)) is None else v.to(device)) for f in fields(self)}
+        moved = {f.name: (None if (v := getattr(self, f.name)) is None else v if f.name in HOST_FIELDS else v.to(device))
+                 for f in fields(self)}  # fmt: skip
         return Experience(**moved)
 
     def select(self, rows: torch.Tensor) -> Experience:
@@ -85,7 +91,8 @@ class Experience:
 
     def microbatches(self, rows: torch.Tensor, size: int, keys: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
         """Schedule microbatches of ``size`` rows each over ``rows`` (in order), carrying the schedule's inputs and
-        ``keys`` (fields that must be set)."""
+        ``keys`` (fields that must be set). ``logits_from`` (0-dim, host) is the microbatch's first response position:
+        LM heads compute no logits before it (the prompt's), and return 0 there."""
         out = []
         for start in range(0, rows.numel(), size):
             part = rows[start : start + size]
@@ -94,6 +101,7 @@ class Experience:
                 "position_ids": self.position_ids[part],
                 "attention_mask": self.attention_mask[part],
                 "labels": self.labels[part],
+                "logits_from": self.response_start[part.cpu()].min(),
             }
             for key in keys:
                 value = getattr(self, key)
@@ -144,5 +152,6 @@ def build_rollout(
         response_length=torch.tensor([len(r) for r in responses], dtype=torch.long),
         truncated=torch.tensor(truncated, dtype=torch.bool),
         rollout_logprobs=rollout_lp,
+        response_start=torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long),
     )
     return exp.to(device)

@@ -81,6 +81,7 @@ def actor_rank(rank: int, tp: int) -> dict:
     with torch.no_grad():
         model.set_lm_output(temperature=0.7, entropy=True)
         lp, ent = model(*args, targets=batch["labels"])
+        out["lp07_from3"], out["entropy07_from3"] = model(*args, targets=batch["labels"], logits_from=torch.tensor(3))
         model.set_lm_output(temperature=1.0)
         out["lp1"] = model(*args, targets=batch["labels"])
     out["lp07"], out["entropy07"] = lp, ent

@@ -98,6 +98,10 @@ def test_actor_tempered_logprobs_and_entropy(tp: int) -> None:
         assert max_abs(r["entropy07"], want_ent) <= ACTOR_TOL, (tp, max_abs(r["entropy07"], want_ent))
         assert max_abs(r["lp1"], want1) <= ACTOR_TOL, (tp, max_abs(r["lp1"], want1))
         assert max_abs(r["lp07"], r["lp1"]) > 1e-2  # the temperature changed the distribution
+        # logits_from=3 (PPO skips the prompt's logits): the same values from position 3 on, exactly 0 before it
+        for got, want in ((r["lp07_from3"], want07), (r["entropy07_from3"], want_ent)):
+            assert got.shape == want.shape and max_abs(got[:, 3:], want[:, 3:]) <= ACTOR_TOL, (tp, max_abs(got, want))
+            assert (got[:, :3] == 0).all()
         for t, msg in r["refused"].items():
             assert msg is not None and "temperature must be finite and > 0" in msg, (t, msg)
         assert r["after_refusal"] == (1.0, False)  # a refused call leaves the previous setting

@@ -246,7 +246,8 @@ def test_microbatches_sizes_order_and_keys() -> None:
     e.old_logprobs = torch.tensor([[0.0, 0.1, 0.2], [1.0, 1.1, 1.2], [2.0, 2.1, 2.2]])
     mbs = e.microbatches(torch.tensor([2, 0, 1]), 2, ("action_mask", "old_logprobs"))
     assert len(mbs) == 2
-    assert set(mbs[0]) == {"tokens", "position_ids", "attention_mask", "labels", "action_mask", "old_logprobs"}
+    assert set(mbs[0]) == {"tokens", "position_ids", "attention_mask", "labels", "logits_from", "action_mask",
+                           "old_logprobs"}  # fmt: skip
     assert mbs[0]["tokens"].tolist() == [[3, 30, 31], [1, 10, 11]]
     assert mbs[1]["tokens"].tolist() == [[2, 20, 0]]
     assert mbs[0]["labels"].tolist() == [[30, 31, 0], [10, 11, 0]]
@@ -254,7 +255,21 @@ def test_microbatches_sizes_order_and_keys() -> None:
     assert torch.equal(mbs[0]["old_logprobs"], torch.tensor([[2.0, 2.1, 2.2], [0.0, 0.1, 0.2]]))
     assert mbs[1]["action_mask"].tolist() == [[1, 0, 0]]
     assert [mb["tokens"].shape[0] for mb in e.microbatches(torch.arange(3), 1, ())] == [1, 1, 1]
-    assert set(e.microbatches(torch.arange(3), 3, ())[0]) == {"tokens", "position_ids", "attention_mask", "labels"}
+    assert set(e.microbatches(torch.arange(3), 3, ())[0]) == {"tokens", "position_ids", "attention_mask", "labels",
+                                                             "logits_from"}  # fmt: skip
+
+
+def test_microbatches_start_logits_at_their_first_response_position() -> None:
+    """Prompts of 3, 1 and 2 tokens: responses start at label positions 2, 0 and 1; a microbatch starts its logits at
+    the earliest of its rows (a host tensor: no device sync), and Experience.to leaves response_start on the host."""
+    e = build_rollout(
+        [[1, 2, 3], [4], [5, 6]], [[10], [20, 21], [30]], [[-1.0], [-2.0, -3.0], [-4.0]], [False] * 3, [0, 1, 2],
+        [0, 1, 2], width=4, pad_id=0, device=CPU,
+    )  # fmt: skip
+    assert e.response_start.tolist() == [2, 0, 1]
+    assert [int(mb["logits_from"]) for mb in e.microbatches(torch.tensor([0, 2, 1]), 2, ())] == [1, 0]
+    assert [int(mb["logits_from"]) for mb in e.microbatches(torch.tensor([0, 2, 1]), 1, ())] == [2, 1, 0]
+    assert e.to(torch.device("meta")).response_start.device.type == "cpu"
 
 
 def test_microbatches_refuse_an_unset_key() -> None:
