@@ -11,9 +11,10 @@ PPO: 16 prompts x 1 response per iteration, 1 epoch, 1 minibatch, KL 0.05 (k1, i
 critic + random reward model; GRPO: 16 completions per step = 4 prompts x 4 samples, 1 epoch, 1 minibatch, KL 0.05 to
 the reference, a trivial python reward. benchmarks/trl_side.py's docstring lists what one TRL iteration contains.
 
-The table: algo, mrlhf s/iter, TRL s/iter, TRL/mrlhf (> 1: mrlhf is faster), each side's share of the iteration
+The table: algo, mrlhf s/iter, TRL s/iter (medians over the timed iterations), TRL/mrlhf (> 1: mrlhf is faster), each side's share of the iteration
 spent generating, and the floor: the iteration's matmul FLOPs (``iteration_flops``) over this CPU's measured fp32
-matmul rate at the same shapes (``matmul_rate``), with TRL/floor, the largest speed-up over TRL that any
+matmul rate at the same shapes (``matmul_rate``: whole-sequence passes at their row count, decode steps at one row per
+sequence), with TRL/floor, the largest speed-up over TRL that any
 implementation doing the same work could show. ``--json`` prints one JSON object instead.
 """
 
@@ -74,7 +75,7 @@ def mrlhf_side(algo: str, iterations: int, warmup: int) -> dict:
     return run(algo, iterations, warmup, threads=int(os.environ.get("MRLHF_BENCH_THREADS", "2")))
 
 
-def iteration_flops(algo: str) -> float:
+def iteration_flops(algo: str, part: str = "all") -> float:
     """Matmul FLOPs of one TRL iteration of SHAPE[algo] (trl_side.py's docstring), counted at the minimum any
     implementation needs: forward 2 * params * tokens (backward twice that), the LM head only where a log-prob is used
     (response positions), causal attention scores and values; generation = prefill + one decode step per further
@@ -92,23 +93,30 @@ def iteration_flops(algo: str) -> float:
         return layers * 2 * length * length * h
 
     gen = seqs * (2 * body * (seq - 1) + 2 * head * resp + attn(seq - 1))
+    decode = seqs * (2 * body * (resp - 1) + 2 * head * (resp - 1) + attn(seq - 1) - attn(prompt))
+    if part == "decode":
+        return decode
     lm_forward = seqs * (2 * body * seq + 2 * head * resp + attn(seq))
     scalar_forward = seqs * (2 * body * seq + attn(seq))
-    if algo == "ppo":
-        return gen + lm_forward + 2 * scalar_forward + 3 * lm_forward + 3 * scalar_forward
-    return gen + lm_forward + 3 * lm_forward
+    total = gen + lm_forward + 2 * scalar_forward + 3 * lm_forward + 3 * scalar_forward if algo == "ppo" else (
+        gen + lm_forward + 3 * lm_forward)  # fmt: skip
+    return total - decode if part == "batched" else total
 
 
-def matmul_rate(threads: int, reps: int = 20) -> float:
-    """fp32 matmul FLOP/s of this CPU at the benchmark's shapes (best of ``reps``; torch's own kernels)."""
+def matmul_rate(threads: int, reps: int = 20, rows: int | None = None) -> float:
+    """fp32 matmul FLOP/s of this CPU at the benchmark's shapes (best of ``reps``; torch's own kernels): the layers'
+    and the LM head's weight matmuls with ``rows`` rows -- by default every token of the batch (the scoring and
+    training passes); one per sequence for a decode step."""
     import time
 
     import torch
 
     torch.set_num_threads(threads)
     h, vocab = SHAPE["hidden_size"], SHAPE["vocab"]
-    rows = SHAPE["ppo"]["prompts"] * (SHAPE["prompt_len"] + SHAPE["response_len"])
-    shapes = [(rows, h, 3 * h), (rows, h, h), (rows, h, 4 * h), (rows, 4 * h, h), (rows // 3 * 2, h, vocab)]
+    full = rows is None
+    rows = rows or SHAPE["ppo"]["prompts"] * (SHAPE["prompt_len"] + SHAPE["response_len"])
+    head_rows = rows // 3 * 2 if full else rows
+    shapes = [(rows, h, 3 * h), (rows, h, h), (rows, h, 4 * h), (rows, 4 * h, h), (head_rows, h, vocab)]
     pairs = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
     flops = sum(2 * m * k * n for m, k, n in shapes)
     best = float("inf")
@@ -126,12 +134,12 @@ def fmt(x, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'algo':>5} {'mrlhf s/iter':>13} {'TRL s/iter':>11} {'TRL/mrlhf':>10} {'gen share mrlhf':>16} "
+    head = (f"{'algo':>5} {'mrlhf s/iter':>13} {'TRL s/iter':>11} {'TRL/mrlhf':>10} {'gen share mrlhf':>16} "  # medians
             f"{'gen share TRL':>14} {'floor s/iter':>13} {'TRL/floor':>10}")
     out = [head]
     for r in rows:
         m, t = r.get("mrlhf") or {}, r.get("trl") or {}
-        ms, ts = m.get("seconds_per_iteration"), t.get("seconds_per_iteration")
+        ms, ts = m.get("median"), t.get("median")  # medians: robust to a neighbour's burst on a shared CPU
         ratio = ts / ms if ms and ts else None
         out.append(
             f"{r['algo']:>5} {fmt(ms, '13.3f')} {fmt(ts, '11.3f')} {fmt(ratio, '10.2f')} "
@@ -184,14 +192,17 @@ def main(argv=None) -> int:
         rows.append(row)
 
     rate = matmul_rate(a.threads)
+    decode_rate = matmul_rate(a.threads, reps=200, rows=SHAPE["ppo"]["prompts"] * SHAPE["ppo"]["n_samples"])
     for row in rows:
         row["gflop"] = iteration_flops(row["algo"]) / 1e9
-        row["floor_s"] = row["gflop"] * 1e9 / rate
+        row["decode_gflop"] = iteration_flops(row["algo"], "decode") / 1e9
+        # each part of the work at torch's own matmul speed for its shape: decode steps multiply one row per sequence
+        row["floor_s"] = (row["gflop"] - row["decode_gflop"]) * 1e9 / rate + row["decode_gflop"] * 1e9 / decode_rate
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     if a.json:
         print(json.dumps({"rows": rows, "shape": SHAPE, "threads": a.threads, "iterations": a.iterations,
                           "warmup": a.warmup, "cpu": cpu_model(), "torch": torch.__version__,
-                          "matmul_gflops": rate / 1e9,
+                          "matmul_gflops": rate / 1e9, "decode_matmul_gflops": decode_rate / 1e9,
                           "loadavg": load, "notes": notes}))  # fmt: skip
     else:
         print(f"# {cpu_model()}, {a.threads} threads, {a.iterations} iterations after {a.warmup} warm-up, "
@@ -199,10 +210,12 @@ def main(argv=None) -> int:
         print(table(rows))
         for n in notes:
             print(f"# {n}")
-        work = ", ".join(f"{r['algo']} {r['gflop']:.0f} GFLOP" for r in rows)
-        print(f"# floor: the iteration's matmul FLOPs ({work}) at "
-              f"this CPU's measured fp32 matmul rate ({rate / 1e9:.0f} GFLOP/s, {a.threads} threads); TRL/floor is the "
-              "largest speed-up over TRL that any implementation doing this work could reach")
+        work = ", ".join(f"{r['algo']} {r['gflop']:.0f} GFLOP, {r['decode_gflop']:.0f} of them in decode steps"
+                         for r in rows)  # fmt: skip
+        print(f"# floor: the iteration's matmul FLOPs ({work}) at this CPU's measured fp32 matmul rate for their "
+              f"shapes ({rate / 1e9:.0f} GFLOP/s over whole sequences, {decode_rate / 1e9:.0f} GFLOP/s for a decode "
+              f"step's {SHAPE['ppo']['prompts'] * SHAPE['ppo']['n_samples']} rows; {a.threads} threads); TRL/floor is "
+              "the largest speed-up over TRL that any implementation doing this work could reach")
         if load:
             print(f"# load average after the run: {load[0]:.2f} (the numbers are noisy if other jobs shared the CPU)")
     return 0
