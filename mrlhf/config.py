@@ -433,10 +433,13 @@ class PPOSection:
     reward_clip: float | None = 5.0
     """Clip normalised scores to +-this; None disables."""
     truncation: str = "keep"
-    """Responses that never emit EOS: 'keep', 'penalty' (subtract truncation_penalty from their score) or 'mask'
-    (leave them out of the actor loss)."""
+    """Responses that never emit EOS: 'keep', 'penalty' (subtract truncation_penalty from their score), 'mask'
+    (leave them out of the actor loss) or 'overlong' (DAPO's soft overlong punishment: every response of L generated
+    tokens loses truncation_penalty * clamp((L - (max_new_tokens - overlong_buffer)) / overlong_buffer, 0, 1))."""
     truncation_penalty: float = 1.0
-    """Score subtracted from truncated responses with truncation='penalty'."""
+    """Score subtracted from truncated responses with truncation='penalty' (the most 'overlong' subtracts)."""
+    overlong_buffer: int = 0
+    """truncation='overlong': the last tokens before generation.max_new_tokens over which the penalty ramps up."""
     truncation_warn: float = 0.5
     """Warn when more than this fraction of an iteration's responses is truncated."""
     critic_warmup_iterations: int = 0
@@ -499,8 +502,10 @@ class PPOSection:
             raise ConfigError(f"ppo.kl_controller must be fixed or adaptive, got {self.kl_controller!r}")
         if self.kl_controller == "adaptive" and self.kl_target is None:
             raise ConfigError("ppo.kl_controller=adaptive needs ppo.kl_target")
-        if self.truncation not in ("keep", "penalty", "mask"):
-            raise ConfigError(f"ppo.truncation must be keep, penalty or mask, got {self.truncation!r}")
+        if self.truncation not in ("keep", "penalty", "mask", "overlong"):
+            raise ConfigError(f"ppo.truncation must be keep, penalty, mask or overlong, got {self.truncation!r}")
+        if self.truncation == "overlong" and self.overlong_buffer < 1:
+            raise ConfigError(f"ppo.truncation=overlong needs ppo.overlong_buffer >= 1 (tokens), got {self.overlong_buffer}")
         if self.ptx_coef > 0 and not self.ptx_path:
             raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_path (an SFT-format data file)")
         if not 0 <= self.ema_decay < 1:
@@ -615,6 +620,9 @@ class RunConfig:
                 f"model.make_vocab_size_divisible_by ({m.make_vocab_size_divisible_by}) must be divisible by "
                 f"parallel.tp ({p.tp}) so the padded vocabulary splits evenly"
             )
+        if self.ppo.truncation == "overlong" and self.ppo.overlong_buffer > self.generation.max_new_tokens:
+            raise ConfigError(f"ppo.overlong_buffer ({self.ppo.overlong_buffer}) must not exceed "
+                              f"generation.max_new_tokens ({self.generation.max_new_tokens})")  # fmt: skip
         from mrlhf.parallel.topology import layers_per_stage
 
         try:

@@ -277,6 +277,13 @@ def compute_advantages(
     )
 
 
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment of responses of ``lengths`` generated tokens [b] -> [b]: 0 up to ``max_len -
+    buffer`` tokens, then rising linearly to ``penalty`` at ``max_len`` (where truncation happens)."""
+    start = max_len - buffer
+    return penalty * ((lengths.to(torch.float32) - start) / buffer).clamp(0.0, 1.0)
+
+
 class RewardNormalizer:
     """Running mean/std of raw sequence scores (Chan et al. parallel combination), initialised from an RM's stats."""
 

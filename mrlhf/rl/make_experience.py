@@ -25,7 +25,7 @@ from mrlhf.generation.generate import GenerationConfig, Generator
 from mrlhf.models import residency
 from mrlhf.parallel import comm
 from mrlhf.parallel.schedule import forward_only
-from mrlhf.rl.advantages import RewardNormalizer, compute_advantages
+from mrlhf.rl.advantages import RewardNormalizer, compute_advantages, overlong_penalty
 from mrlhf.rl.experience import Experience, build_rollout
 from mrlhf.rl.kl import kl_penalty
 from mrlhf.testing_faults import fault_ids
@@ -155,6 +155,10 @@ def shape(
         scores = scores.clamp(-p.reward_clip, p.reward_clip)
     if p.truncation == "penalty":
         scores = scores - p.truncation_penalty * exp.truncated.float()
+    elif p.truncation == "overlong":
+        lengths = exp.response_length.to(scores.device)
+        scores = scores - overlong_penalty(lengths, cfg.generation.max_new_tokens, p.overlong_buffer,
+                                           p.truncation_penalty)  # fmt: skip
     exp.scores = scores
     exp.valid = valid
     row_ok = valid.float()[:, None]

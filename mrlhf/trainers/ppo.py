@@ -422,11 +422,21 @@ def _dtype(model) -> torch.dtype:
 
 
 EXP_KEYS = ("seqs", "valid", "raw_sum", "raw_sq", "score_sum", "score_sq", "len_sum", "truncated", "kl_sum", "tokens", "entropy_sum", "mismatch_sum", "adv_sum", "ret_sum", "ret_sq", "res_sum", "res_sq",
-            "value_tokens")  # fmt: skip
+            "value_tokens", "groups", "flat_groups")  # fmt: skip
 
 
-def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, measured_here: bool = True
-                     ) -> dict[str, float]:  # fmt: skip
+def flat_groups(scores: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+    """[b] scores in groups of the ``n`` samples of a prompt -> [b / n] bool: the group's valid scores are all equal
+    (or fewer than two are valid), so a group estimator draws no signal from it (DAPO's dynamic sampling drops such
+    groups; here they are counted)."""
+    g, v = scores.view(-1, n), valid.view(-1, n)
+    first = torch.where(v, g, float("inf")).min(-1, keepdim=True).values
+    return (torch.where(v, g, first) == first).all(-1) | (v.sum(-1) < 2)
+
+
+def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, measured_here: bool = True,
+                     n: int = 1) -> dict[str, float]:  # fmt: skip
+    """The iteration's experience metrics, reduced over DP (``n``: samples per prompt)."""
     if not last:
         local = [0.0] * len(EXP_KEYS)
         mx = [0.0]
@@ -444,6 +454,7 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, 
             "entropy_sum": (entropy.double() * m).sum() if entropy is not None else 0.0, "mismatch_sum": mismatch.sum(),
             "adv_sum": (exp.advantages.double() * m).sum(),
             "ret_sum": 0.0, "ret_sq": 0.0, "res_sum": 0.0, "res_sq": 0.0, "value_tokens": 0.0,
+            "groups": exp.batch_size / n, "flat_groups": flat_groups(exp.scores, v, n).sum() if n > 1 else 0.0,
         }  # fmt: skip
         if exp.returns is not None:
             r, res = exp.returns.double(), (exp.returns - exp.values).double()
@@ -466,6 +477,8 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, 
         "logprob_mismatch_mean": s["mismatch_sum"] / tok, "logprob_mismatch_max": mismatch_max,
         "advantage_mean": s["adv_sum"] / tok, "dropped_samples": s["seqs"] - s["valid"],
     }  # fmt: skip
+    if n > 1:  # prompts whose samples all scored the same: no signal for GRPO/RLOO (all solved, or none)
+        out["flat_group_fraction"] = s["flat_groups"] / max(s["groups"], 1.0)
     if not measured_here:  # ppo.old_logprobs=rollout: the update measures them (none during critic warm-up)
         for k in ("entropy", "logprob_mismatch_mean", "logprob_mismatch_max"):
             out.pop(k)
@@ -572,7 +585,7 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
             entropy = score(exp, run.roles, cfg, device, last, report_resident if mem_due else None, run.reward_fn)
             if last:
                 shape(exp, cfg, run.kl_ctl.value, run.normalizer, reduce)
-        record = experience_stats(exp, entropy, last, p.old_logprobs == "recompute")
+        record = experience_stats(exp, entropy, last, p.old_logprobs == "recompute", p.n_samples)
         if run.reward_fn is not None:  # the user's function's share of the experience phase (the slowest DP rank)
             (record["time_reward_function_s"],) = reduce_last_stage_scalars([run.reward_fn.seconds],
                                                                             torch.distributed.ReduceOp.MAX)  # fmt: skip

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mrlhf.config import RunConfig, load_config
+from mrlhf.errors import ConfigError
 from mrlhf.rl.advantages import RewardNormalizer
 from mrlhf.rl.experience import Experience, build_rollout
 from mrlhf.rl.make_experience import shape
@@ -95,6 +96,41 @@ def test_truncation_policy(policy: str) -> None:
     assert torch.equal(exp.critic_mask, PAIR_ACTIONS)  # every policy keeps truncated rows in the value loss
     assert torch.equal(exp.kl, torch.zeros(2, 4))
     assert torch.allclose(exp.advantages, advantages, rtol=0, atol=1e-6)
+
+
+def test_overlong_penalty_reaches_the_responses_near_the_budget() -> None:
+    """truncation=overlong, max_new_tokens 3, buffer 2, penalty 0.5: the ramp starts after 3 - 2 = 1 token; row 0
+    (2 tokens, ended) loses 0.5 * (2 - 1) / 2 = 0.25, row 1 (3 tokens, truncated) the full 0.5. Scores [0.75, 2.5];
+    RLOO a = [0.75 - 2.5, 2.5 - 0.75] = [-1.75, 1.75]; nothing is masked."""
+    cfg = config("ppo.estimator=rloo", "ppo.truncation=overlong", "ppo.overlong_buffer=2", "ppo.truncation_penalty=0.5",
+                 "generation.max_new_tokens=3")  # fmt: skip
+    exp = rollout(PAIR_RESPONSES, PAIR_TRUNCATED, 2, [1.0, 3.0])
+    shape(exp, cfg, 0.05, RewardNormalizer(), one_process_reduce)
+    assert exp.scores.tolist() == [0.75, 2.5]
+    assert torch.equal(exp.loss_mask, PAIR_ACTIONS)
+    assert torch.allclose(exp.advantages, rows([-1.75, -1.75, 0, 0], [1.75, 1.75, 1.75, 0]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ppo.truncation=overlong"], "needs ppo.overlong_buffer >= 1"),
+        (["ppo.truncation=overlong", "ppo.overlong_buffer=17"], r"ppo.overlong_buffer \(17\) must not exceed generation"),
+    ],
+)
+def test_overlong_config_is_checked(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(*overrides)  # ppo_demo.yaml: generation.max_new_tokens 16
+
+
+def test_flat_groups_are_the_prompts_without_a_reward_signal() -> None:
+    """Groups of 3: [1, 1, 1] flat; [0, 1, 0] not; [2, nan-dropped, 2] flat (its valid scores agree); [5, dropped,
+    dropped] flat (one valid sample: no baseline)."""
+    from mrlhf.trainers.ppo import flat_groups
+
+    scores = torch.tensor([1.0, 1, 1, 0, 1, 0, 2, 9, 2, 5, 7, 8])
+    valid = torch.tensor([True, True, True, True, True, True, True, False, True, True, False, False])
+    assert flat_groups(scores, valid, 3).tolist() == [True, False, True, True]
 
 
 # ppo.reward_clip without normalisation: raw scores 7 and -3 clipped to +-2; RLOO a = [2 - (-2), -2 - 2] = [4, -4].

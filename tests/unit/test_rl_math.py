@@ -579,3 +579,12 @@ def test_ema_update_errors():
         ema_update(a, a + a, 0.5)
     with pytest.raises(ValueError, match="shape"):
         ema_update(a, [torch.zeros(3)], 0.5)
+
+
+def test_overlong_penalty_ramps_over_the_buffer() -> None:
+    """max 10 tokens, buffer 4, penalty 2: no penalty up to 6 tokens, then (L - 6) / 4 * 2: 7 -> 0.5, 8 -> 1.0,
+    10 -> 2.0 (DAPO's soft overlong punishment, whose last step is the truncation itself)."""
+    from mrlhf.rl.advantages import overlong_penalty
+
+    got = overlong_penalty(torch.tensor([1, 6, 7, 8, 10]), max_len=10, buffer=4, penalty=2.0)
+    assert got.tolist() == [0.0, 0.0, 0.5, 1.0, 2.0]
