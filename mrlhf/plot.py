@@ -13,7 +13,7 @@ GROUPS = {
     "kl": ("kl_per_sequence", "kl_per_token", "kl_coef"),
     "policy": ("pg_loss", "clip_fraction", "approx_kl", "entropy"),
     "critic": ("value_loss", "value_clip_fraction", "explained_variance"),
-    "responses": ("response_length", "truncation_rate"),
+    "responses": ("response_length", "truncation_rate", "flat_group_fraction"),
     "logprob_mismatch": ("logprob_mismatch_mean", "logprob_mismatch_max"),
     "skipped": ("skipped_steps", "skipped_steps_total"),
     "time": ("time_generate_s", "time_experience_s", "time_reward_function_s", "time_train_s"),
