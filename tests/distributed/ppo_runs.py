@@ -151,3 +151,65 @@ def rm_checkpoint_rank(rank: int, out: str, sft: str) -> None:
 
     cfg = load_config(TINY, stage_overrides(out, {}, ["training.train_steps=2", f"checkpoint.load_dir={sft}"]))
     train_rm(cfg, init_distributed(cfg))
+
+
+def kv_cache_lifetime_rank(rank: int, out: str, layout: dict[str, int], extra: list[str]) -> dict:
+    """One PPO rollout (8 demo prompts x ppo.n_samples) with every KVCache the generator allocates tracked; what is
+    left of the caches once ``rollout`` has returned (its Experience still alive).
+
+    The caches are held here by strong references, so only an explicit release inside generation frees their
+    storage; weak references watch their K/V tensors and every [B, L, G, D] view handed to attention."""
+    import gc
+    import weakref
+
+    from mrlhf.config import load_config
+    from mrlhf.generation import generate
+    from mrlhf.models.roles import build_role
+    from mrlhf.ops.kv_cache import KVCache
+    from mrlhf.parallel.state import init_distributed
+    from mrlhf.rl.make_experience import rollout
+    from mrlhf.trainers.ppo import load_ppo_data
+
+    made: list[KVCache] = []
+    watched: list[weakref.ref] = []  # the K/V tensors and views of every cache
+
+    class TrackedCache(KVCache):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+            watched.extend((weakref.ref(self.k), weakref.ref(self.v)))
+            self.allocated, self.views = self.nbytes, 0
+
+        def view(self, layer: int, slot: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+            k, v = super().view(layer, slot, batch)
+            if not any(r() is k for r in watched):  # by identity: a tensor's == is elementwise
+                watched.extend((weakref.ref(k), weakref.ref(v)))
+                self.views += 1
+            return k, v
+
+    cfg = load_config(TINY, ppo_overrides(out, layout, extra))
+    ctx = init_distributed(cfg, "ppo")
+    tokenizer, prompts, _ = load_ppo_data(cfg)
+    actor = build_role(cfg, "actor", tokenizer.vocab_size, device=ctx.device)
+    mine = list(range(8))
+    generate.KVCache = TrackedCache  # the name Generator.generate allocates through
+    try:
+        exp, stats = rollout(actor, [list(prompts.train[i]) for i in mine], mine, 0, cfg, 0, tokenizer.eos_id,
+                             tokenizer.pad_id, ctx.device)  # fmt: skip
+    finally:
+        generate.KVCache = KVCache
+    gc.collect()
+    res = {
+        "caches": len(made),
+        "allocated": [c.allocated for c in made],
+        "views": [c.views for c in made],
+        "stats_kv_bytes": stats["kv_cache_bytes"],
+        "response_tokens": int(exp.action_mask.sum()),
+        "alive_tensors": sum(r() is not None for r in watched),
+        "released": [c.k is None and c.v is None and c.nbytes == 0 for c in made],
+    }
+    refs = [weakref.ref(c) for c in made]
+    made.clear()
+    gc.collect()
+    res["alive_caches"] = sum(r() is not None for r in refs)  # nothing else (generator, decode state) keeps one
+    return res

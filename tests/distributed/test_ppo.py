@@ -1,6 +1,7 @@
 """PPO on the 3D-parallel backbone: layouts equal TP1 (GAE, GRPO, RLOO, REINFORCE++), rollout log-probs equal
 training log-probs, exact resume (optimizer state included), the failure policy, role loading and offload, the
-logged metrics, the ptx loss, the critic's own optimizer.
+tokenizer check of every role's checkpoint, the KV cache's release after a rollout, the logged metrics, the ptx loss,
+the critic's own optimizer.
 
 Tolerance of the layout tests: per tensor, max |got - want| <= 1e-5 * max |want| (fp32, gloo); losses within 1e-5
 relative.
@@ -13,13 +14,22 @@ import os
 import pytest
 import torch
 from harness import run_ranks
-from ppo_runs import DEMO, ppo_error_rank, ppo_overrides, ppo_rank, prepare_rank, rm_checkpoint_rank
-from sft_runs import TINY
+from ppo_runs import (
+    DEMO,
+    kv_cache_lifetime_rank,
+    ppo_error_rank,
+    ppo_overrides,
+    ppo_rank,
+    prepare_rank,
+    rm_checkpoint_rank,
+)
+from sft_runs import ROOT, TINY
 from stage_runs import sft_checkpoint_rank
 
 REL_TOL = 1e-5
 LAYOUTS = {"tp2": ({"tp": 2}, 2), "pp2": ({"pp": 2}, 2), "dp2": ({}, 2), "tp2pp2": ({"tp": 2, "pp": 2}, 4)}
 PTX = os.path.join(DEMO, "sft_train.jsonl")  # SFT-format data of the ptx loss
+TINY_TOKENIZER = os.path.join(ROOT, "mrlhf", "assets", "tiny", "tokenizer.model")  # not the demo one
 LOSSES = ("pg_loss", "value_loss", "reward_raw_mean", "kl_per_sequence", "entropy", "approx_kl")
 # what every GAE iteration logs (docs/ppo.md's metrics list)
 METRICS = ("reward_raw_mean", "reward_raw_std", "reward_mean", "reward_std", "kl_per_sequence", "entropy",
@@ -300,16 +310,23 @@ def test_nan_reward_drops_its_sample_and_empty_responses_stay_finite(tmp_path, c
                 assert all(torch.isfinite(p).all() for p, _, _ in r["params"][role].values())
 
 
-def test_roles_load_from_sft_and_rm_checkpoints_and_frozen_roles_are_offloaded(tmp_path):
+@pytest.fixture(scope="module")
+def sft_rm_checkpoints(tmp_path_factory) -> tuple[str, str]:
+    """A 2-step demo SFT checkpoint and a 2-step RM one trained from it (both with the demo tokenizer): the save
+    directories the PPO roles load from."""
+    out = tmp_path_factory.mktemp("sft_rm")
+    run_ranks(sft_checkpoint_rank, 1, str(out / "sft"), "llama")
+    sft = str(out / "sft" / "checkpoints")
+    run_ranks(rm_checkpoint_rank, 1, str(out / "rm"), sft)
+    return sft, str(out / "rm" / "checkpoints")
+
+
+def test_roles_load_from_sft_and_rm_checkpoints_and_frozen_roles_are_offloaded(sft_rm_checkpoints, tmp_path):
     """Each role equals the checkpoint it loads (exactly), the frozen ones are offloaded, and the reward normaliser
     starts from the reward statistics the RM stored with its checkpoint (std within 1e-12: it is kept as m2)."""
     from mrlhf import checkpoint as ckpt
 
-    sft_out, rm_out = str(tmp_path / "sft"), str(tmp_path / "rm")
-    run_ranks(sft_checkpoint_rank, 1, sft_out, "llama")
-    sft = os.path.join(sft_out, "checkpoints")
-    run_ranks(rm_checkpoint_rank, 1, rm_out, sft)
-    rm = os.path.join(rm_out, "checkpoints")
+    sft, rm = sft_rm_checkpoints
     stats = ckpt.read_meta(ckpt.latest_checkpoint(rm))["train_state"]["extra"]["reward_stats"]
     assert stats["count"] > 0 and stats["std"] > 0, stats
     for layout, world in (({}, 1), ({"tp": 2}, 2)):
@@ -391,3 +408,53 @@ def test_reward_function_nan_drops_its_samples_and_an_error_is_one_line(tmp_path
     (msg,) = run_ranks(ppo_error_rank, 1, str(tmp_path / "err"), {}, extra + ["ppo.reward_function=reward_fns:broken"])
     assert msg.startswith("ppo.reward_function=reward_fns:broken raised KeyError: 'verifier service unreachable' (at ")
     assert "reward_fns.py:" in msg and "\n" not in msg
+
+
+def test_a_role_checkpoint_made_with_another_tokenizer_is_refused_at_start_up(sft_rm_checkpoints, tmp_path):
+    """Every role's checkpoint is checked against the run's tokenizer before any training: (1) data.tokenizer_path
+    names another tokenizer (the tiny one, 384 pieces, vs the demo's 448) than the SFT checkpoint was made with -- the
+    actor, checked first, is refused; (2) the run's tokenizer is the actor's and reference's but not the reward's (a
+    copy of the RM checkpoint whose manifest records the tiny tokenizer's hash) -- the reward is refused, so not only
+    the first role is checked. Each refusal is one line naming that checkpoint and both tokenizer hashes, and no
+    iteration ran (no metrics.jsonl). Without the check (1) trains: the load keeps the first 384 embedding rows."""
+    import shutil
+
+    from mrlhf import checkpoint as ckpt
+    from mrlhf.data.tokenizer import Tokenizer
+
+    sft, rm = sft_rm_checkpoints
+    demo, tiny = Tokenizer.load(os.path.join(DEMO, "tokenizer.model")).hash, Tokenizer.load(TINY_TOKENIZER).hash
+    other_rm = str(tmp_path / "other_rm")
+    shutil.copytree(rm, other_rm)
+    meta_path = os.path.join(ckpt.latest_checkpoint(other_rm), "meta.json")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    assert meta["tokenizer_hash"] == demo
+    with open(meta_path, "w", encoding="utf-8") as f:
+        json.dump({**meta, "tokenizer_hash": tiny}, f)
+    roles = [f"ppo.actor_load_dir={sft}", f"ppo.critic_load_dir={rm}"]
+    for name, extra, refused, saved, run in (
+        ("run_tokenizer", [f"data.tokenizer_path={TINY_TOKENIZER}"], sft, demo, tiny),
+        ("reward_tokenizer", [f"ppo.reward_load_dir={other_rm}"], other_rm, tiny, demo),
+    ):
+        out = tmp_path / name
+        (msg,) = run_ranks(ppo_error_rank, 1, str(out), {}, roles + extra)
+        assert msg is not None and "\n" not in msg, (name, msg)
+        assert msg.startswith(f"{ckpt.latest_checkpoint(refused)} was trained with tokenizer {saved[:12]}..."), msg
+        assert f"this run's data.tokenizer_path has {run[:12]}..." in msg, msg
+        assert not (out / "metrics.jsonl").exists(), name
+
+
+@pytest.mark.parametrize("layout,world", [({}, 1), ({"pp": 2}, 2)], ids=["pp1", "pp2"])
+def test_kv_cache_is_released_when_the_rollout_returns(layout, world, tmp_path):
+    """Each stage's generator allocates one KV cache for the rollout (PP2: one slot per in-flight microbatch on each
+    stage), attention works on its per-(layer, slot) views, and once ``rollout`` returns its K/V storage is gone:
+    every K/V tensor and view is dead although the test still holds the cache object, and nothing else holds the cache
+    itself. The rollout's reported kv_cache_bytes is what was allocated."""
+    results = run_ranks(kv_cache_lifetime_rank, world, str(tmp_path), layout, [])
+    for r in results:
+        assert r["caches"] == 1 and r["allocated"][0] > 0 and r["stats_kv_bytes"] == r["allocated"][0], r
+        # attention used it: (4 layers / pp on this stage) x (pp slots) views, every microbatch 4 rows
+        assert r["views"] == [4] and r["response_tokens"] > 0, r
+        assert r["released"] == [True] and r["alive_tensors"] == 0, r
+        assert r["alive_caches"] == 0, r
