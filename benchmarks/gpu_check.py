@@ -58,10 +58,13 @@ def stages(work: str, quick: bool) -> dict:
                          f"checkpoint.load_dir={sft}"], 300)  # fmt: skip
         res["dpo"] = cli(["dpo", "--config", "configs/dpo_demo.yaml", *common, f"training.output_dir={d}/dpo",
                           f"checkpoint.load_dir={sft}"], 300)  # fmt: skip
-        for est, extra in (("gae", []), ("grpo", ["ppo.n_samples=4", "training.global_batch_size=16"])):
-            res[f"ppo_{est}"] = cli(["ppo", "--config", "configs/ppo_demo.yaml", *common, f"ppo.estimator={est}", *extra,
-                                     f"training.output_dir={d}/ppo_{est}", f"ppo.actor_load_dir={sft}",
-                                     f"ppo.critic_load_dir={d}/rm/checkpoints"], 300)  # fmt: skip
+        grpo = ["ppo.estimator=grpo", "ppo.n_samples=4", "training.global_batch_size=16"]
+        for est, extra in (("gae", ["ppo.estimator=gae", f"ppo.critic_load_dir={d}/rm/checkpoints"]),
+                           ("grpo", [*grpo, f"ppo.critic_load_dir={d}/rm/checkpoints"]),
+                           ("grpo_fn", [*grpo, "ppo.critic_load_dir=null",  # a Python reward on TP0 of the last stage
+                                        "ppo.reward_function=mrlhf.demo.judge:reward"])):  # fmt: skip
+            res[f"ppo_{est}"] = cli(["ppo", "--config", "configs/ppo_demo.yaml", *common, *extra,
+                                     f"training.output_dir={d}/ppo_{est}", f"ppo.actor_load_dir={sft}"], 300)  # fmt: skip
             metrics = f"{d}/ppo_{est}/metrics.jsonl"
             if os.path.exists(metrics):
                 with open(metrics, encoding="utf-8") as f:
