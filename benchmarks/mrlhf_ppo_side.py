@@ -4,7 +4,8 @@ Shape (the same as the TRL half): GPT-2 flavour, 4 layers, hidden 256, 4 heads, 
 role, 16 prompts of exactly 32 tokens, exactly 64 generated tokens (EOS ignored), 1 PPO epoch, 1 minibatch, fp32, one
 process. PPO builds all four roles (actor, reference, critic, reward model); GRPO builds actor and reference (4
 prompts x 4 samples = 16 sequences, the TRL GRPO shape) and scores with a trivial Python reward function
-(``ppo.reward_function``), as TRL's GRPO does. Old log-probs come from the rollout (``ppo.old_logprobs=rollout``), as in TRL's PPO
+(``ppo.reward_function``), as TRL's GRPO does. Old log-probs come from the rollout (``ppo.old_logprobs=rollout``),
+as in TRL's PPO
 (generation scores) and GRPO (num_iterations 1: the policy's own detached log-probs): neither runs a separate policy
 scoring pass.
 """
@@ -53,9 +54,9 @@ def _prompt_file(directory: str, n: int = 64) -> str:
     return path
 
 
-def digit_share(prompts: list[str], responses: list[str], **columns) -> list[float]:
-    """GRPO's reward: the share of digits in a response (trivial and ~free, like the TRL side's even-token share)."""
-    return [sum(c.isdigit() for c in r) / max(1, len(r)) for r in responses]
+def even_share(completion_ids: list[list[int]], **kwargs) -> list[float]:
+    """GRPO's reward: the share of even token ids in a completion -- the TRL side's own function, trivial and ~free."""
+    return [sum(1 for t in ids if t % 2 == 0) / max(1, len(ids)) for ids in completion_ids]
 
 
 def overrides(algo: str, prompts: str, out: str, iterations: int) -> list[str]:
@@ -73,7 +74,7 @@ def overrides(algo: str, prompts: str, out: str, iterations: int) -> list[str]:
         f"ppo.estimator={'grpo' if grpo else 'gae'}", f"ppo.n_samples={4 if grpo else 1}", "ppo.ppo_epochs=1",
         "ppo.kl_coef=0.05",
         *(["ppo.kl_placement=loss", "ppo.kl_estimator=k3", "ppo.critic_load_dir=null",
-           "ppo.reward_function=benchmarks.mrlhf_ppo_side:digit_share"] if grpo else []),
+           "ppo.reward_function=benchmarks.mrlhf_ppo_side:even_share"] if grpo else []),
         "ppo.num_minibatches=1", "ppo.old_logprobs=rollout", "ppo.offload_frozen=false", "checkpoint.enabled=false",
         "logging.progress_bar=false", "logging.tensorboard=false",
     ]  # fmt: skip
@@ -120,5 +121,5 @@ def mrlhf_side(algo: str, iterations: int, warmup: int, threads: int = 2) -> dic
 if __name__ == "__main__":
     import sys
 
-    sys.path.insert(0, ROOT)  # GRPO's reward function is imported by name: benchmarks.mrlhf_ppo_side:digit_share
+    sys.path.insert(0, ROOT)  # GRPO's reward function is imported by name: benchmarks.mrlhf_ppo_side:even_share
     print(json.dumps(mrlhf_side(sys.argv[1] if len(sys.argv) > 1 else "ppo", 3, 1)))

@@ -11,11 +11,11 @@ PPO: 16 prompts x 1 response per iteration, 1 epoch, 1 minibatch, KL 0.05 (k1, i
 critic + random reward model; GRPO: 16 completions per step = 4 prompts x 4 samples, 1 epoch, 1 minibatch, KL 0.05 to
 the reference, a trivial python reward. benchmarks/trl_side.py's docstring lists what one TRL iteration contains.
 
-The table: algo, mrlhf s/iter, TRL s/iter (medians over the timed iterations), TRL/mrlhf (> 1: mrlhf is faster), each side's share of the iteration
-spent generating, and the floor: the iteration's matmul FLOPs (``iteration_flops``) over this CPU's measured fp32
-matmul rate at the same shapes (``matmul_rate``: whole-sequence passes at their row count, decode steps at one row per
-sequence), with TRL/floor, the largest speed-up over TRL that any
-implementation doing the same work could show. ``--json`` prints one JSON object instead.
+The table: algo, mrlhf s/iter, TRL s/iter (medians over the timed iterations), TRL/mrlhf (> 1: mrlhf is faster),
+each side's share of the iteration spent generating, and the floor: the iteration's matmul FLOPs (``iteration_flops``)
+over this CPU's measured fp32 matmul rate at the same shapes (``matmul_rate``: whole-sequence passes at their row
+count, decode steps at one row per sequence), with TRL/floor, the largest speed-up over TRL that any implementation
+doing the same work could show. ``--json`` prints one JSON object instead.
 """
 
 from __future__ import annotations

@@ -453,11 +453,11 @@ class PPOSection:
     ema_decay: float = 0.0
     """Keep an EMA of the actor's weights with this decay (saved as role 'ema_actor'); 0 disables."""
     reward_function: str | None = None
-    """'module:callable' that scores responses in Python instead of a reward model (verifiable rewards, TRL's
-    signature): ``fn(prompts, responses, **columns)`` -> one float per response, where ``prompts`` and ``responses``
-    are lists of text (the rendered prompt; the response without EOS) and each column is a list holding one field of
-    the prompt rows (e.g. ``answer``), None where a row lacks it. Called on TP rank 0 of the last pipeline stage for
-    that DP rank's samples. No reward model is built; a NaN/inf score drops its sample, as a reward model's would."""
+    """'module:callable' that scores responses in Python instead of a reward model (verifiable rewards), called by
+    keyword as TRL's GRPOTrainer calls its reward functions: ``fn(prompts=, completions=, completion_ids=, **columns)``
+    -> one score per response; ``prompts``/``completions`` are text (the rendered prompt; the response without EOS),
+    each column one field of the prompt rows (e.g. ``answer``), None where a row lacks it. Called on TP rank 0 of the
+    last pipeline stage for that DP rank's samples. No reward model is built; a None/NaN/inf score drops its sample."""
     offload_frozen: bool = True
     """Keep the reference and reward models in host memory outside experience making."""
     save_frozen_roles: bool = True
@@ -505,7 +505,9 @@ class PPOSection:
         if self.truncation not in ("keep", "penalty", "mask", "overlong"):
             raise ConfigError(f"ppo.truncation must be keep, penalty, mask or overlong, got {self.truncation!r}")
         if self.truncation == "overlong" and self.overlong_buffer < 1:
-            raise ConfigError(f"ppo.truncation=overlong needs ppo.overlong_buffer >= 1 (tokens), got {self.overlong_buffer}")
+            raise ConfigError(
+                f"ppo.truncation=overlong needs ppo.overlong_buffer >= 1 (tokens), got {self.overlong_buffer}"
+            )
         if self.ptx_coef > 0 and not self.ptx_path:
             raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_path (an SFT-format data file)")
         if not 0 <= self.ema_decay < 1:

@@ -58,7 +58,8 @@ def judge_batch(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, f
     }
 
 
-def reward(prompts: Sequence[str], responses: Sequence[str], **columns) -> list[float]:
-    """The gold judge as a PPO reward function (``ppo.reward_function: mrlhf.demo.judge:reward``): verifiable rewards
-    on the demo task, in place of a learned reward model. Prompt-row columns are not needed and ignored."""
-    return [score(p, r) for p, r in zip(prompts, responses)]
+def reward(prompts: Sequence[str], completions: Sequence[str], **kwargs) -> list[float]:
+    """The gold judge as a PPO reward function (``ppo.reward_function: mrlhf.demo.judge:reward``, TRL's reward-function
+    signature): verifiable rewards on the demo task, in place of a learned reward model. Token ids and prompt-row
+    columns are not needed and ignored."""
+    return [score(p, r) for p, r in zip(prompts, completions)]

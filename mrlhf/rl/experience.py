@@ -77,8 +77,10 @@ class Experience:
 
     def to(self, device: torch.device) -> Experience:
         """Every tensor field on ``device`` (a new record; tensors already there are shared)."""
-        moved = {f.name: (None if (v := getattr(self, f.name)) is None else v if f.name in HOST_FIELDS else v.to(device))
-                 for f in fields(self)}  # fmt: skip
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            moved[f.name] = None if v is None else v if f.name in HOST_FIELDS else v.to(device)
         return Experience(**moved)
 
     def select(self, rows: torch.Tensor) -> Experience:
@@ -152,6 +154,6 @@ def build_rollout(
         response_length=torch.tensor([len(r) for r in responses], dtype=torch.long),
         truncated=torch.tensor(truncated, dtype=torch.bool),
         rollout_logprobs=rollout_lp,
-        response_start=torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long),
+        response_start=torch.tensor([max(len(p) - 1, 0) for p in prompts], dtype=torch.long),
     )
     return exp.to(device)

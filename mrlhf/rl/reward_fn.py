@@ -1,16 +1,17 @@
 """``ppo.reward_function``: scores from a Python function instead of a reward model (verifiable rewards).
 
-The function has TRL's reward-function signature, so one written for ``GRPOTrainer(reward_funcs=...)`` works here::
+It is called the way TRL's ``GRPOTrainer`` calls its reward functions (by keyword), so one written for TRL works::
 
-    def reward(prompts: list[str], responses: list[str], **columns) -> list[float]: ...
+    def reward(prompts: list[str], completions: list[str], completion_ids: list[list[int]], **columns) -> list[float]
 
-``prompts`` is the prompt as the policy saw it (rendered with the chat template, BOS dropped), ``responses`` the
-sampled text up to and without EOS; each keyword is one field of the prompt rows (a list, one value per response,
-None where a row lacks the field). It is imported once at start-up, called on tensor-parallel rank 0 of the last
-pipeline stage for that data-parallel rank's samples, and its scores are broadcast to the other TP ranks -- so a
-function that is slow, random or calls a service runs once per sample and every TP rank agrees. Any error it raises,
-a wrong number of scores or a score that is not a number is a one-line ``RewardFunctionError``; NaN or inf is a
-valid answer meaning "no reward": the sample is dropped with a warning, as for a reward model.
+``prompts`` is the prompt as the policy saw it (rendered with the chat template, BOS dropped), ``completions`` the
+sampled text up to and without EOS, ``completion_ids`` its token ids; each further keyword is one field of the prompt
+rows (a list, one value per response, None where a row lacks the field). A function may take only what it needs and
+``**kwargs`` for the rest. It is imported once at start-up, called on tensor-parallel rank 0 of the last pipeline
+stage for that data-parallel rank's samples, and its scores are broadcast to the other TP ranks -- so a function that
+is slow, random or calls a service runs once per sample and every TP rank agrees. Any error it raises, a wrong number
+of scores or a score that is not a number is a one-line ``RewardFunctionError`` on every TP rank; None, NaN or inf
+means "no reward": the sample is dropped with a warning, as for a reward model's non-finite score.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mrlhf.errors import ConfigError, MrlhfError
 from mrlhf.parallel import comm
 from mrlhf.rl.experience import Experience
 
-RESERVED = ("prompts", "responses")
+RESERVED = ("prompts", "completions", "completion_ids")
 
 
 class RewardFunctionError(MrlhfError):
@@ -52,15 +53,15 @@ def load(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def texts(exp: Experience, tokenizer, eos_id: int) -> tuple[list[str], list[str]]:
-    """Prompt and response text of every row of ``exp``: the prompt ends where the action mask starts. Token ids the
-    tokenizer does not have (a model whose embedding is wider than the tokenizer, as Qwen2's is, can sample its
-    unused rows) are left out of the text rather than failing the decode."""
+def texts(exp: Experience, tokenizer, eos_id: int) -> tuple[list[str], list[str], list[list[int]]]:
+    """Prompt text, response text and response token ids (EOS dropped) of every row of ``exp``; the prompt ends where
+    the response starts (``response_start``). One host copy of the tokens, not one per row. Token ids the tokenizer
+    does not have (a model whose embedding is wider than the tokenizer, as Qwen2's is, can sample its unused rows)
+    are left out of the text rather than failing the decode."""
     vocab = tokenizer.vocab_size
-    prompts, responses = [], []
-    starts = exp.action_mask.argmax(dim=1).tolist()  # [b]: label position of the first response token = P - 1
-    for i, (start, length) in enumerate(zip(starts, exp.response_length.tolist())):
-        row = exp.tokens[i].tolist()
+    rows, starts, lengths = exp.tokens.tolist(), exp.response_start.tolist(), exp.response_length.tolist()
+    prompts, responses, ids = [], [], []
+    for row, start, length in zip(rows, starts, lengths):
         prompt, response = row[: start + 1], row[start + 1 : start + 1 + length]
         if prompt and prompt[0] == tokenizer.bos_id:
             prompt = prompt[1:]
@@ -68,7 +69,8 @@ def texts(exp: Experience, tokenizer, eos_id: int) -> tuple[list[str], list[str]
             response = response[:-1]
         prompts.append(tokenizer.decode([t for t in prompt if t < vocab]))
         responses.append(tokenizer.decode([t for t in response if t < vocab]))
-    return prompts, responses
+        ids.append(response)
+    return prompts, responses, ids
 
 
 def columns_of(dataset, prompt_index: list[int]) -> dict[str, list[Any]]:
@@ -87,8 +89,9 @@ class RewardFunction:
         self.seconds = 0.0
         """Wall time of the last call (TP rank 0 of the last stage; 0 elsewhere)."""
 
-    def call(self, prompts: list[str], responses: list[str], columns: dict[str, list[Any]]) -> list[float]:
-        """The function's scores, checked: one real number per response (NaN/inf allowed)."""
+    def call(self, prompts: list[str], responses: list[str], columns: dict[str, list[Any]],
+             completion_ids: list[list[int]] | None = None) -> list[float]:  # fmt: skip
+        """The function's scores, checked: one real number (or bool) per response; None, NaN and inf mean no reward."""
         clash = [k for k in RESERVED if k in columns]
         if clash:
             raise RewardFunctionError(
@@ -96,7 +99,7 @@ class RewardFunction:
                 f"with the function's own '{clash[0]}' argument: rename it in the data"
             )
         try:
-            out = self.fn(prompts, responses, **columns)
+            out = self.fn(prompts=prompts, completions=responses, completion_ids=completion_ids, **columns)
         except Exception as e:  # the user's code: one line naming it, the exception and where it was raised
             where = traceback.extract_tb(e.__traceback__)[-1]
             raise RewardFunctionError(
@@ -117,25 +120,36 @@ class RewardFunction:
                 f"ppo.reward_function={self.spec} returned {len(scores)} scores for {len(responses)} responses"
             )
         for i, s in enumerate(scores):
-            if isinstance(s, bool) or not isinstance(s, numbers.Real):
+            if s is not None and not isinstance(s, numbers.Real):
                 raise RewardFunctionError(
                     f"ppo.reward_function={self.spec}: score {i} is {s!r} ({type(s).__name__}), not a number "
                     f"(response {responses[i]!r})"
                 )
-        return [float(s) for s in scores]
+        return [float("nan") if s is None else float(s) for s in scores]
 
     def score(self, exp: Experience) -> torch.Tensor:
         """[b] float32 scores of the rows of ``exp``, in row order (no process group needed)."""
         start = time.perf_counter()
-        prompts, responses = texts(exp, self.tokenizer, self.eos_id)
-        scores = self.call(prompts, responses, columns_of(self.dataset, exp.prompt_index.tolist()))
+        prompts, responses, ids = texts(exp, self.tokenizer, self.eos_id)
+        scores = self.call(prompts, responses, columns_of(self.dataset, exp.prompt_index.tolist()), ids)
         self.seconds = time.perf_counter() - start
         return torch.tensor(scores, dtype=torch.float32)
 
     def __call__(self, exp: Experience, device: torch.device) -> torch.Tensor:
-        """[b] float32 scores of this DP rank's rows: computed on TP rank 0, broadcast over TP (last stage only)."""
-        out = torch.zeros(exp.batch_size, dtype=torch.float32, device=device)
-        self.seconds = 0.0
+        """[b] float32 scores of this DP rank's rows: computed on TP rank 0, broadcast over TP (last stage only). A
+        failure on TP rank 0 is broadcast too (the last element), so every TP rank raises instead of waiting."""
+        out = torch.zeros(exp.batch_size + 1, dtype=torch.float32, device=device)  # scores, then 1 = failed
+        self.seconds, error = 0.0, None
         if ps.get_tensor_model_parallel_rank() == 0:
-            out.copy_(self.score(exp))
-        return comm.broadcast_from_tp_rank0(out)
+            try:
+                out[:-1].copy_(self.score(exp))
+            except RewardFunctionError as e:
+                error = e
+                out[-1] = 1.0
+        comm.broadcast_from_tp_rank0(out)
+        if error is not None:
+            raise error
+        if out[-1].item():
+            raise RewardFunctionError(f"ppo.reward_function={self.spec} failed on tensor-parallel rank 0 (its error "
+                                      "says why)")  # fmt: skip
+        return out[:-1]

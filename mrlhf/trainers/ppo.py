@@ -435,8 +435,8 @@ def flat_groups(scores: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tens
 
 
 def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, measured_here: bool = True,
-                     n: int = 1) -> dict[str, float]:  # fmt: skip
-    """The iteration's experience metrics, reduced over DP (``n``: samples per prompt)."""
+                     group_size: int = 1) -> dict[str, float]:  # fmt: skip
+    """The iteration's experience metrics, reduced over DP (``group_size``: samples per prompt)."""
     if not last:
         local = [0.0] * len(EXP_KEYS)
         mx = [0.0]
@@ -454,7 +454,8 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, 
             "entropy_sum": (entropy.double() * m).sum() if entropy is not None else 0.0, "mismatch_sum": mismatch.sum(),
             "adv_sum": (exp.advantages.double() * m).sum(),
             "ret_sum": 0.0, "ret_sq": 0.0, "res_sum": 0.0, "res_sq": 0.0, "value_tokens": 0.0,
-            "groups": exp.batch_size / n, "flat_groups": flat_groups(exp.scores, v, n).sum() if n > 1 else 0.0,
+            "groups": exp.batch_size / group_size,
+            "flat_groups": flat_groups(exp.scores, v, group_size).sum() if group_size > 1 else 0.0,
         }  # fmt: skip
         if exp.returns is not None:
             r, res = exp.returns.double(), (exp.returns - exp.values).double()
@@ -477,7 +478,7 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, 
         "logprob_mismatch_mean": s["mismatch_sum"] / tok, "logprob_mismatch_max": mismatch_max,
         "advantage_mean": s["adv_sum"] / tok, "dropped_samples": s["seqs"] - s["valid"],
     }  # fmt: skip
-    if n > 1:  # prompts whose samples all scored the same: no signal for GRPO/RLOO (all solved, or none)
+    if group_size > 1:  # prompts whose samples all scored the same: no signal for GRPO/RLOO (all solved, or none)
         out["flat_group_fraction"] = s["flat_groups"] / max(s["groups"], 1.0)
     if not measured_here:  # ppo.old_logprobs=rollout: the update measures them (none during critic warm-up)
         for k in ("entropy", "logprob_mismatch_mean", "logprob_mismatch_max"):

@@ -25,22 +25,23 @@ def _log(responses: list[str], nans: int = 0) -> None:
             f.write(f"{coord[0]} {coord[1]} {coord[2]} {len(responses)} {nans}\n")
 
 
-def checked_length(prompts: list[str], responses: list[str], answer: list[int], **columns) -> list[float]:
+def checked_length(prompts: list[str], completions: list[str], answer: list[int], **kwargs) -> list[float]:
     """A score random text varies in (its length and its digits); first checks that each prompt came with its own
     row's ``answer`` column (the demo result of that prompt), so misaligned columns fail the run."""
     for p, a in zip(prompts, answer):
         if parse_prompt(p).result != a:
             raise ValueError(f"column 'answer'={a} does not belong to prompt {p!r}")
-    _log(responses)
-    return [0.1 * len(r) + sum(c.isdigit() for c in r) for r in responses]
+    _log(completions)
+    return [0.1 * len(r) + sum(c.isdigit() for c in r) for r in completions]
 
 
-def nan_for_sums(prompts: list[str], responses: list[str], **columns) -> list[float]:
+def nan_for_sums(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]:
     """NaN ("no reward") for the responses to addition prompts, the length elsewhere."""
-    scores = [float("nan") if parse_prompt(p).op == "+" else 0.1 * len(r) for p, r in zip(prompts, responses)]
-    _log(responses, sum(s != s for s in scores))
+    """None (TRL's "not applicable") for the responses to addition prompts, the length elsewhere."""
+    scores = [None if parse_prompt(p).op == "+" else 0.1 * len(r) for p, r in zip(prompts, completions)]
+    _log(completions, sum(s is None for s in scores))
     return scores
 
 
-def broken(prompts: list[str], responses: list[str], **columns) -> list[float]:
+def broken(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
     raise KeyError("verifier service unreachable")

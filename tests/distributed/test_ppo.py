@@ -408,6 +408,11 @@ def test_reward_function_nan_drops_its_samples_and_an_error_is_one_line(tmp_path
     (msg,) = run_ranks(ppo_error_rank, 1, str(tmp_path / "err"), {}, extra + ["ppo.reward_function=reward_fns:broken"])
     assert msg.startswith("ppo.reward_function=reward_fns:broken raised KeyError: 'verifier service unreachable' (at ")
     assert "reward_fns.py:" in msg and "\n" not in msg
+    # at TP2 the function runs on TP rank 0 only: its failure reaches TP rank 1 too (no rank left waiting)
+    msgs = run_ranks(ppo_error_rank, 2, str(tmp_path / "err_tp2"), {"tp": 2},
+                     extra + ["ppo.reward_function=reward_fns:broken"])  # fmt: skip
+    assert msgs[0].startswith("ppo.reward_function=reward_fns:broken raised KeyError"), msgs[0]
+    assert msgs[1] == "ppo.reward_function=reward_fns:broken failed on tensor-parallel rank 0 (its error says why)"
 
 
 def test_a_role_checkpoint_made_with_another_tokenizer_is_refused_at_start_up(sft_rm_checkpoints, tmp_path):

@@ -115,7 +115,7 @@ def test_overlong_penalty_reaches_the_responses_near_the_budget() -> None:
     "overrides, message",
     [
         (["ppo.truncation=overlong"], "needs ppo.overlong_buffer >= 1"),
-        (["ppo.truncation=overlong", "ppo.overlong_buffer=17"], r"ppo.overlong_buffer \(17\) must not exceed generation"),
+        (["ppo.truncation=overlong", "ppo.overlong_buffer=17"], r"overlong_buffer \(17\) must not exceed generation"),
     ],
 )
 def test_overlong_config_is_checked(overrides: list[str], message: str) -> None:

@@ -38,33 +38,46 @@ def user_module(tmp_path, monkeypatch):
 
             NOT_CALLABLE = 3
 
-            def length(prompts, responses, **columns):
-                return [float(len(r)) for r in responses]
+            def length(prompts, completions, **kwargs):
+                return [float(len(r)) for r in completions]
 
-            def short(prompts, responses, **columns):
-                return [1.0] * (len(responses) - 1)
+            # TRL's documented examples take only what they use, by keyword
+            def reward_len(completions, **kwargs):
+                return [-abs(4 - len(c)) for c in completions]
 
-            def words(prompts, responses, **columns):
-                return ["good"] * len(responses)
+            def accuracy(completions, answer, **kwargs):
+                return [1.0 if c.strip() == str(a) else 0.0 for c, a in zip(completions, answer)]
 
-            def booleans(prompts, responses, **columns):
-                return [True] * len(responses)
+            def even_ids(completion_ids, **kwargs):
+                return [sum(t % 2 == 0 for t in ids) for ids in completion_ids]
 
-            def scalar(prompts, responses, **columns):
+            def short(prompts, completions, **kwargs):
+                return [1.0] * (len(completions) - 1)
+
+            def words(prompts, completions, **kwargs):
+                return ["good"] * len(completions)
+
+            def booleans(prompts, completions, **kwargs):
+                return [True, False][: len(completions)]
+
+            def scalar(prompts, completions, **kwargs):
                 return 1.0
 
-            def tensor(prompts, responses, **columns):
-                return torch.arange(len(responses), dtype=torch.float64)
+            def tensor(prompts, completions, **kwargs):
+                return torch.arange(len(completions), dtype=torch.float64)
 
-            def nan_first(prompts, responses, **columns):
-                return [float("nan")] + [1.0] * (len(responses) - 1)
+            def nan_first(prompts, completions, **kwargs):
+                return [float("nan")] + [1.0] * (len(completions) - 1)
 
-            def broken(prompts, responses, **columns):
-                return [1 / 0 for _ in responses]
+            def none_first(prompts, completions, **kwargs):
+                return [None] + [1.0] * (len(completions) - 1)
+
+            def broken(prompts, completions, **kwargs):
+                return [1 / 0 for _ in completions]
 
             class Scorers:
                 @staticmethod
-                def answer(prompts, responses, answer, **columns):
+                def answer(prompts, completions, answer, **kwargs):
                     return [float(a) for a in answer]
             """
         )
@@ -118,7 +131,8 @@ def test_texts_are_the_rendered_prompt_and_the_response_without_eos(tok):
     prompts = ["<|user|>\nWhat is 8 minus 3?\n<|assistant|>\n",
                "<|user|>\nWhat is the sum of 8 and 2? Answer with just the number.\n<|assistant|>\n"]  # fmt: skip
     exp = _rollout(tok, prompts, ["8 - 3 = 5.", "10"], ended=[True, False])
-    got_prompts, got_responses = texts(exp, tok, tok.eos_id)
+    got_prompts, got_responses, got_ids = texts(exp, tok, tok.eos_id)
+    assert got_ids == [tok.encode("8 - 3 = 5."), tok.encode("10")]  # token ids without EOS
     assert got_prompts == [tok.decode(tok.encode(p)) for p in prompts]
     assert got_responses == ["8 - 3 = 5.", "10"]  # the first ended with EOS (dropped), the second was truncated
     assert [judge.score(p, r) for p, r in zip(got_prompts, got_responses)] == [1.0, 1.0]
@@ -128,7 +142,7 @@ def test_ids_beyond_the_tokenizer_are_left_out_of_the_text(tok):
     """A model wider than its tokenizer can sample ids the tokenizer cannot decode (sentencepiece raises)."""
     exp = _rollout(tok, ["a"], ["xy"], ended=[True])
     exp.tokens[0, 1 + len(tok.encode("a"))] = tok.vocab_size + 5  # the first response token: past the last piece
-    prompts, responses = texts(exp, tok, tok.eos_id)
+    prompts, responses, _ = texts(exp, tok, tok.eos_id)
     assert responses == [tok.decode(tok.encode("xy")[1:])] and prompts == [tok.decode(tok.encode("a"))]
 
 
@@ -165,10 +179,22 @@ def test_scores_come_back_as_float32_in_row_order(tok, user_module):
     assert fn.seconds > 0
 
 
-def test_nan_is_an_answer_not_an_error(tok, user_module):
+@pytest.mark.parametrize("name", ["nan_first", "none_first"])
+def test_nan_or_none_is_an_answer_not_an_error(tok, user_module, name):
     exp = _rollout(tok, ["a", "b"], ["x", "y"], ended=[True, True])
-    out = _fn(f"{user_module}:nan_first", tok).score(exp)
+    out = _fn(f"{user_module}:{name}", tok).score(exp)
     assert math.isnan(out[0]) and out[1] == 1.0  # shape() drops the sample, as for a reward model's NaN
+
+
+def test_trl_reward_functions_work_unchanged(tok, user_module):
+    """Called by keyword as TRL's GRPOTrainer calls them: a function may take just completions, a column, or ids."""
+    exp = _rollout(tok, ["a", "b"], ["12", "hello"], ended=[True, False])
+    assert _fn(f"{user_module}:reward_len", tok).score(exp).tolist() == [-2.0, -1.0]
+    rows = Rows({7: {"answer": 12}, 3: {"answer": 5}})
+    assert _fn(f"{user_module}:accuracy", tok, rows).score(exp).tolist() == [1.0, 0.0]
+    want = [float(sum(t % 2 == 0 for t in tok.encode(c))) for c in ("12", "hello")]
+    assert _fn(f"{user_module}:even_ids", tok).score(exp).tolist() == want
+    assert _fn(f"{user_module}:booleans", tok).score(exp).tolist() == [1.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -176,7 +202,6 @@ def test_nan_is_an_answer_not_an_error(tok, user_module):
     [
         ("short", r"returned 1 scores for 2 responses"),
         ("words", r"score 0 is 'good' \(str\), not a number \(response 'x'\)"),
-        ("booleans", r"score 0 is True \(bool\), not a number"),
         ("scalar", r"returned a float, not a list of 2 scores"),
         ("broken", r"raised ZeroDivisionError: division by zero \(at .*user_rewards.py:\d+; first response 'x'"),
     ],
@@ -190,5 +215,6 @@ def test_a_wrong_answer_is_one_line_naming_the_function(tok, user_module, name, 
 
 def test_a_column_named_like_an_argument_is_refused(tok, user_module):
     exp = _rollout(tok, ["a", "b"], ["x", "y"], ended=[True, True])
-    with pytest.raises(RewardFunctionError, match="field named 'responses'.*rename it in the data"):
-        _fn(f"{user_module}:length", tok, Rows({7: {"responses": 1}, 3: {}})).score(exp)
+    for name in ("prompts", "completions", "completion_ids"):
+        with pytest.raises(RewardFunctionError, match=f"field named '{name}'.*rename it in the data"):
+            _fn(f"{user_module}:length", tok, Rows({7: {name: 1}, 3: {}})).score(exp)
