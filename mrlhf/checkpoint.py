@@ -402,7 +402,7 @@ def load_model(path: str, role: str, model: torch.nn.Module, source_role: str | 
         sharded = {k: v for k, v in sharded.items() if not k.startswith("head.")}
     from torch.distributed.checkpoint.api import CheckpointException
 
-    _check_role_dir(role_dir)
+    _check_global_shapes(sharded, _check_role_dir(role_dir), role, role_dir)
     try:
         state = dist_checkpointing.load(sharded, role_dir)
     except MrlhfError:
@@ -418,7 +418,26 @@ def load_model(path: str, role: str, model: torch.nn.Module, source_role: str | 
     return new_head
 
 
-def _check_role_dir(role_dir: str) -> None:
+def _check_global_shapes(sharded: dict, metadata: Any, role: str, role_dir: str) -> None:
+    """Refuse a tensor whose global shape differs from the checkpoint's: DCP would read the overlapping corner of it
+    and say nothing (a 512-row embedding silently became a 384-row one for a smaller tokenizer)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = metadata.state_dict_metadata
+    for sh in nested_values(sharded):
+        if not isinstance(sh, ShardedTensor) or sh.key not in saved or getattr(saved[sh.key], "size", None) is None:
+            continue
+        theirs, ours = tuple(saved[sh.key].size), tuple(sh.global_shape)
+        if theirs != ours:
+            raise CheckpointError(
+                f"cannot load '{role}' from {role_dir}: {sh.key} is {list(theirs)} in the checkpoint but {list(ours)} "
+                "in this model (another vocabulary or model shape: check data.tokenizer_path, model.vocab_size and "
+                "the model section against the checkpoint's meta.json)"
+            )
+
+
+def _check_role_dir(role_dir: str) -> Any:
     """The small files every rank reads first (megatron's ``metadata.json``, ``common.pt``, the DCP ``.metadata``
     and the shard sizes it implies), checked here so that their damage is a CheckpointError naming the file rather
     than an error from deep inside torch -- identical on every rank, since every rank reads the same files."""
@@ -431,8 +450,9 @@ def _check_role_dir(role_dir: str) -> None:
             json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config}: damaged or truncated ({e})") from None
-    safe_load.read_dcp_metadata(role_dir)
+    metadata = safe_load.read_dcp_metadata(role_dir)
     integrity.verify_file(os.path.join(role_dir, "common.pt"))
+    return metadata
 
 
 def _root_cause(e: BaseException, what: str) -> CheckpointError:

@@ -463,3 +463,28 @@ def test_kv_cache_is_released_when_the_rollout_returns(layout, world, tmp_path):
         assert r["views"] == [4] and r["response_tokens"] > 0, r
         assert r["released"] == [True] and r["alive_tensors"] == 0, r
         assert r["alive_caches"] == 0, r
+
+
+def test_a_checkpoint_of_another_vocabulary_is_refused_even_without_a_tokenizer_record(sft_rm_checkpoints, tmp_path):
+    """A checkpoint that records no tokenizer (as one written elsewhere might) skips the tokenizer check; its
+    512-row embedding (demo vocabulary, padded) must still not load into this run's 384-row one (the tiny tokenizer):
+    DCP would read the top-left corner of it and say nothing. One line naming the tensor and both shapes."""
+    import shutil
+
+    from mrlhf import checkpoint as ckpt
+
+    sft, _ = sft_rm_checkpoints
+    bare = str(tmp_path / "bare_sft")
+    shutil.copytree(sft, bare)
+    meta_path = os.path.join(ckpt.latest_checkpoint(bare), "meta.json")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    meta.pop("tokenizer_hash")
+    with open(meta_path, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    extra = [f"ppo.actor_load_dir={bare}", "ppo.critic_load_dir=null", f"data.tokenizer_path={TINY_TOKENIZER}",
+             "ppo.estimator=grpo", "ppo.n_samples=2"]  # fmt: skip
+    (msg,) = run_ranks(ppo_error_rank, 1, str(tmp_path / "run"), {}, extra)
+    assert msg is not None and "\n" not in msg, msg
+    assert "backbone.embedding.word_embeddings.weight is [512, 64] in the checkpoint but [384, 64] in this model" in msg
+    assert bare in msg
