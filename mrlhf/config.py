@@ -457,7 +457,12 @@ class PPOSection:
     keyword as TRL's GRPOTrainer calls its reward functions: ``fn(prompts=, completions=, completion_ids=, **columns)``
     -> one score per response; ``prompts``/``completions`` are text (the rendered prompt; the response without EOS),
     each column one field of the prompt rows (e.g. ``answer``), None where a row lacks it. Called on TP rank 0 of the
-    last pipeline stage for that DP rank's samples. No reward model is built; a None/NaN/inf score drops its sample."""
+    last pipeline stage for that DP rank's samples. No reward model is built; a None/NaN/inf score drops its sample.
+    Several functions, comma-separated ('m:format,m:accuracy'), are summed with ppo.reward_weights."""
+    reward_weights: list[float] | None = None
+    """Weights of the comma-separated ppo.reward_function entries (default 1 each). A sample's score is the weighted
+    sum over the functions that scored it -- None/NaN from one function leaves it out of the sum, as in TRL -- and
+    NaN (the sample is dropped) when none did."""
     offload_frozen: bool = True
     """Keep the reference and reward models in host memory outside experience making."""
     save_frozen_roles: bool = True
@@ -513,15 +518,28 @@ class PPOSection:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ppo.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.reward_function is not None:
-            module, _, name = self.reward_function.partition(":")
-            if not (module and name and all(part.isidentifier() for part in module.split(".") + name.split("."))):
+            for spec in self.reward_functions:
+                module, _, name = spec.partition(":")
+                if not (module and name and all(part.isidentifier() for part in module.split(".") + name.split("."))):
+                    raise ConfigError(
+                        f"ppo.reward_function must be 'module:callable' (e.g. mrlhf.demo.judge:reward; several "
+                        f"comma-separated), got {spec!r} in {self.reward_function!r}"
+                    )
+            weights = self.reward_weights
+            if weights is not None and (len(weights) != len(self.reward_functions)
+                                        or not all(math.isfinite(w) for w in weights)):  # fmt: skip
                 raise ConfigError(
-                    f"ppo.reward_function must be 'module:callable' (e.g. mrlhf.demo.judge:reward), "
-                    f"got {self.reward_function!r}"
+                    f"ppo.reward_weights must be {len(self.reward_functions)} finite numbers, one per "
+                    f"ppo.reward_function entry, got {weights}"
                 )
             if self.reward_load_dir is not None:
                 raise ConfigError("ppo.reward_function and ppo.reward_load_dir both set: the function replaces the "
                                   "reward model, keep one")  # fmt: skip
+
+    @property
+    def reward_functions(self) -> list[str]:
+        """The entries of ppo.reward_function ('module:callable' each; empty without one)."""
+        return [s.strip() for s in self.reward_function.split(",")] if self.reward_function else []
 
     @property
     def needs_critic(self) -> bool:

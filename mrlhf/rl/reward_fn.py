@@ -81,29 +81,44 @@ def columns_of(dataset, prompt_index: list[int]) -> dict[str, list[Any]]:
 
 
 class RewardFunction:
-    """A loaded ``ppo.reward_function`` with the prompt dataset whose rows give its columns."""
+    """The loaded ``ppo.reward_function`` entries (summed with their weights) and the prompt dataset whose rows give
+    their columns."""
 
-    def __init__(self, spec: str, tokenizer, dataset, eos_id: int) -> None:
-        self.spec, self.fn = spec, load(spec)
+    def __init__(self, specs: list[str] | str, tokenizer, dataset, eos_id: int,
+                 weights: list[float] | None = None) -> None:  # fmt: skip
+        self.specs = [specs] if isinstance(specs, str) else list(specs)
+        self.spec = ",".join(self.specs)
+        self.fns = [load(spec) for spec in self.specs]
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.specs)
         self.tokenizer, self.dataset, self.eos_id = tokenizer, dataset, eos_id
         self.seconds = 0.0
         """Wall time of the last call (TP rank 0 of the last stage; 0 elsewhere)."""
+        self.parts = [(0.0, 0.0)] * len(self.specs)
+        """Per function, the sum and count of its finite scores in the last call (TP rank 0 of the last stage)."""
+
+    @property
+    def names(self) -> list[str]:
+        """A metric name per function: its callable's name, with the entry's index where two share one."""
+        base = [spec.rsplit(":", 1)[1].replace(".", "_") for spec in self.specs]
+        return [b if base.count(b) == 1 else f"{b}_{i}" for i, b in enumerate(base)]
 
     def call(self, prompts: list[str], responses: list[str], columns: dict[str, list[Any]],
-             completion_ids: list[list[int]] | None = None) -> list[float]:  # fmt: skip
-        """The function's scores, checked: one real number (or bool) per response; None, NaN and inf mean no reward."""
+             completion_ids: list[list[int]] | None = None, index: int = 0) -> list[float]:  # fmt: skip
+        """Function ``index``'s scores, checked: one real number (or bool) per response; None, NaN and inf mean no
+        reward."""
+        spec, fn = self.specs[index], self.fns[index]
         clash = [k for k in RESERVED if k in columns]
         if clash:
             raise RewardFunctionError(
-                f"ppo.reward_function={self.spec}: the prompt rows have a field named {clash[0]!r}, which would clash "
+                f"ppo.reward_function={spec}: the prompt rows have a field named {clash[0]!r}, which would clash "
                 f"with the function's own '{clash[0]}' argument: rename it in the data"
             )
         try:
-            out = self.fn(prompts=prompts, completions=responses, completion_ids=completion_ids, **columns)
+            out = fn(prompts=prompts, completions=responses, completion_ids=completion_ids, **columns)
         except Exception as e:  # the user's code: one line naming it, the exception and where it was raised
             where = traceback.extract_tb(e.__traceback__)[-1]
             raise RewardFunctionError(
-                f"ppo.reward_function={self.spec} raised {type(e).__name__}: {e} (at {where.filename}:{where.lineno}; "
+                f"ppo.reward_function={spec} raised {type(e).__name__}: {e} (at {where.filename}:{where.lineno}; "
                 f"first response {responses[0]!r} to {prompts[0]!r})"
             ) from None
         if isinstance(out, torch.Tensor):
@@ -112,34 +127,40 @@ class RewardFunction:
             scores = list(out)
         except TypeError:
             raise RewardFunctionError(
-                f"ppo.reward_function={self.spec} returned a {type(out).__name__}, not a list of {len(responses)} "
-                "scores"
+                f"ppo.reward_function={spec} returned a {type(out).__name__}, not a list of {len(responses)} scores"
             ) from None
         if len(scores) != len(responses):
             raise RewardFunctionError(
-                f"ppo.reward_function={self.spec} returned {len(scores)} scores for {len(responses)} responses"
+                f"ppo.reward_function={spec} returned {len(scores)} scores for {len(responses)} responses"
             )
-        for i, s in enumerate(scores):
-            if s is not None and not isinstance(s, numbers.Real):
+        for i, v in enumerate(scores):
+            if v is not None and not isinstance(v, numbers.Real):
                 raise RewardFunctionError(
-                    f"ppo.reward_function={self.spec}: score {i} is {s!r} ({type(s).__name__}), not a number "
+                    f"ppo.reward_function={spec}: score {i} is {v!r} ({type(v).__name__}), not a number "
                     f"(response {responses[i]!r})"
                 )
-        return [float("nan") if s is None else float(s) for s in scores]
+        return [float("nan") if v is None else float(v) for v in scores]
 
     def score(self, exp: Experience) -> torch.Tensor:
-        """[b] float32 scores of the rows of ``exp``, in row order (no process group needed)."""
+        """[b] float32 scores of the rows of ``exp``, in row order: the weighted sum over the functions that gave a
+        finite score, NaN where none did (no process group needed)."""
         start = time.perf_counter()
         prompts, responses, ids = texts(exp, self.tokenizer, self.eos_id)
-        scores = self.call(prompts, responses, columns_of(self.dataset, exp.prompt_index.tolist()), ids)
+        columns = columns_of(self.dataset, exp.prompt_index.tolist())
+        each = torch.tensor([self.call(prompts, responses, columns, ids, k) for k in range(len(self.fns))],
+                            dtype=torch.float64)  # [functions, b]  # fmt: skip
+        finite = torch.isfinite(each)
+        weighted = torch.where(finite, each * torch.tensor(self.weights, dtype=torch.float64)[:, None], 0.0)
+        total = torch.where(finite.any(0), weighted.sum(0), float("nan"))
+        self.parts = [(float(torch.where(f, e, 0.0).sum()), float(f.sum())) for e, f in zip(each, finite)]
         self.seconds = time.perf_counter() - start
-        return torch.tensor(scores, dtype=torch.float32)
+        return total.float()
 
     def __call__(self, exp: Experience, device: torch.device) -> torch.Tensor:
         """[b] float32 scores of this DP rank's rows: computed on TP rank 0, broadcast over TP (last stage only). A
         failure on TP rank 0 is broadcast too (the last element), so every TP rank raises instead of waiting."""
         out = torch.zeros(exp.batch_size + 1, dtype=torch.float32, device=device)  # scores, then 1 = failed
-        self.seconds, error = 0.0, None
+        self.seconds, self.parts, error = 0.0, [(0.0, 0.0)] * len(self.fns), None
         if ps.get_tensor_model_parallel_rank() == 0:
             try:
                 out[:-1].copy_(self.score(exp))

@@ -95,8 +95,8 @@ def load_ppo_data(cfg: RunConfig):
                 ckpt.read_meta(ckpt.latest_checkpoint(src) or src)
             except CheckpointError as e:
                 raise CheckpointError(f"ppo.{name}={src}: {e}") from None
-    if cfg.ppo.reward_function:  # a typo fails here, before any process group or model exists
-        load_reward_function(cfg.ppo.reward_function)
+    for spec in cfg.ppo.reward_functions:  # a typo fails here, before any process group or model exists
+        load_reward_function(spec)
     tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
     prompts = build_datasets(cfg, "prompt", "ppo", tokenizer)
     if len(prompts.train) < cfg.training.global_batch_size:
@@ -229,7 +229,7 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
             residency.offload(roles[r])
     reward_fn = None
     if p.reward_function:
-        reward_fn = RewardFunction(p.reward_function, tokenizer, prompts.train, tokenizer.eos_id)
+        reward_fn = RewardFunction(p.reward_functions, tokenizer, prompts.train, tokenizer.eos_id, p.reward_weights)
         log_main(f"ppo: rewards from the function {p.reward_function} (no reward model)")
     return PPORun(tokenizer, prompts, ptx, roles, optimizers, ema, state, kl_ctl, normalizer, reward_fn, saved)
 
@@ -492,6 +492,19 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, 
     return out
 
 
+def reward_function_stats(fn: RewardFunction) -> dict[str, float]:
+    """The reward functions' share of the experience phase (the slowest DP rank) and, with several, each one's mean
+    finite score over the iteration (``reward_fn_<name>_mean``), reduced over DP."""
+    (seconds,) = reduce_last_stage_scalars([fn.seconds], torch.distributed.ReduceOp.MAX)
+    out = {"time_reward_function_s": seconds}
+    if len(fn.parts) > 1:
+        sums = reduce_last_stage_scalars([v for part in fn.parts for v in part])
+        for name, total, count in zip(fn.names, sums[0::2], sums[1::2]):
+            if count:  # a function that scored nothing this iteration has no mean
+                out[f"reward_fn_{name}_mean"] = total / count
+    return out
+
+
 def warn_dropped(exp: Experience, run: PPORun, batch: list[int], n: int, total_seqs: int, last: bool, device) -> None:
     """Name the prompts whose reward was not finite (their samples were dropped); ``batch``: the iteration's global
     prompt indices (sequence id // n indexes it)."""
@@ -587,9 +600,8 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
             if last:
                 shape(exp, cfg, run.kl_ctl.value, run.normalizer, reduce)
         record = experience_stats(exp, entropy, last, p.old_logprobs == "recompute", p.n_samples)
-        if run.reward_fn is not None:  # the user's function's share of the experience phase (the slowest DP rank)
-            (record["time_reward_function_s"],) = reduce_last_stage_scalars([run.reward_fn.seconds],
-                                                                            torch.distributed.ReduceOp.MAX)  # fmt: skip
+        if run.reward_fn is not None:
+            record.update(reward_function_stats(run.reward_fn))
         total_seqs = int(record.pop("_global_seqs"))
         if record["dropped_samples"] > 0:
             warn_dropped(exp, run, batch, p.n_samples, total_seqs, last, device)

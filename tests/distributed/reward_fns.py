@@ -43,5 +43,9 @@ def nan_for_sums(prompts: list[str], completions: list[str], **kwargs) -> list[f
     return scores
 
 
+def const_one(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    return [1.0] * len(completions)
+
+
 def broken(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
     raise KeyError("verifier service unreachable")

@@ -408,6 +408,18 @@ def test_reward_function_nan_drops_its_samples_and_an_error_is_one_line(tmp_path
     (msg,) = run_ranks(ppo_error_rank, 1, str(tmp_path / "err"), {}, extra + ["ppo.reward_function=reward_fns:broken"])
     assert msg.startswith("ppo.reward_function=reward_fns:broken raised KeyError: 'verifier service unreachable' (at ")
     assert "reward_fns.py:" in msg and "\n" not in msg
+    # two functions, weights 2 and 1: the sum leaves out the one that said None, so no sample is dropped; each
+    # function's mean finite score is logged. N = 16 samples, k of them additions (nan_for_sums: None):
+    # raw mean = (2 * mean_nan * (N - k) + 1 * N) / N
+    calls2 = tmp_path / "calls2"
+    calls2.mkdir()
+    monkeypatch.setenv("REWARD_CALLS", str(calls2))
+    two = ["ppo.reward_function=reward_fns:nan_for_sums,reward_fns:const_one", "ppo.reward_weights=[2.0, 1.0]"]
+    (res2,) = run_ranks(ppo_rank, 1, str(tmp_path / "two"), {}, extra + two)
+    rec2, k = res2["records"][0], sum(c[4] for c in _calls(calls2))
+    assert rec2["dropped_samples"] == 0 and rec2["reward_fn_const_one_mean"] == 1.0 and 0 < k < 16
+    want = (2 * rec2["reward_fn_nan_for_sums_mean"] * (16 - k) + 16) / 16
+    assert abs(rec2["reward_raw_mean"] - want) <= 1e-6 * want, (rec2["reward_raw_mean"], want)
     # at TP2 the function runs on TP rank 0 only: its failure reaches TP rank 1 too (no rank left waiting)
     msgs = run_ranks(ppo_error_rank, 2, str(tmp_path / "err_tp2"), {"tp": 2},
                      extra + ["ppo.reward_function=reward_fns:broken"])  # fmt: skip

@@ -218,3 +218,34 @@ def test_a_column_named_like_an_argument_is_refused(tok, user_module):
     for name in ("prompts", "completions", "completion_ids"):
         with pytest.raises(RewardFunctionError, match=f"field named '{name}'.*rename it in the data"):
             _fn(f"{user_module}:length", tok, Rows({7: {name: 1}, 3: {}})).score(exp)
+
+
+# ---- several functions ----------------------------------------------------------------------------------------------
+
+
+def test_several_functions_parse_and_their_weights_are_checked():
+    cfg = load_config(PPO_YAML, ["ppo.reward_function=mrlhf.demo.judge:reward, mrlhf.demo.judge:score_all"])
+    assert cfg.ppo.reward_functions == ["mrlhf.demo.judge:reward", "mrlhf.demo.judge:score_all"]
+    with pytest.raises(ConfigError, match=r"ppo.reward_weights must be 2 finite numbers.*got \[1.0\]"):
+        load_config(PPO_YAML, ["ppo.reward_function=a:b,c:d", "ppo.reward_weights=[1.0]"])
+    with pytest.raises(ConfigError, match=r"got 'c d' in 'a:b,c d'"):
+        load_config(PPO_YAML, ["ppo.reward_function=a:b,c d"])
+
+
+def test_several_functions_are_summed_over_those_that_scored(tok, user_module):
+    """length (3, 5) with weight 2 and none_first (None, 1) with weight 0.5: row 0 = 2 * 3 (the None is left out),
+    row 1 = 2 * 5 + 0.5 * 1 = 10.5; two None-first functions leave row 0 with no score at all: NaN (dropped)."""
+    exp = _rollout(tok, ["a b", "c"], ["xyz", "hello"], ended=[True, True])
+    fn = RewardFunction([f"{user_module}:length", f"{user_module}:none_first"], tok, Rows({}), tok.eos_id, [2.0, 0.5])
+    assert fn.score(exp).tolist() == [6.0, 10.5]
+    assert fn.parts == [(8.0, 2.0), (1.0, 1.0)] and fn.names == ["length", "none_first"]
+    both = RewardFunction([f"{user_module}:none_first"] * 2, tok, Rows({}), tok.eos_id)
+    out = both.score(exp)
+    assert math.isnan(out[0]) and out[1] == 2.0 and both.names == ["none_first_0", "none_first_1"]
+
+
+def test_the_failing_entry_is_the_one_named(tok, user_module):
+    exp = _rollout(tok, ["a", "b"], ["x", "y"], ended=[True, True])
+    fn = RewardFunction([f"{user_module}:length", f"{user_module}:broken"], tok, Rows({}), tok.eos_id)
+    with pytest.raises(RewardFunctionError, match=rf"^ppo.reward_function={user_module}:broken raised"):
+        fn.score(exp)
