@@ -17,7 +17,7 @@ def stage_overrides(out: str, layout: dict[str, int], extra: list[str]) -> list[
         f"parallel.pp={layout.get('pp', 1)}",
         f"data.train_path={DEMO}/pref_train.jsonl",
         "data.eval_path=null",
-        "data.data_split=[0,1,9]",  # RM/DPO take a 10% share (300 pairs) ...
+        "data.data_split=[0,3,197]",  # RM/DPO take a 1.5% share of the 20000 pairs (300) ...
         "data.eval_fraction=0.1",  # ... and hold out 30 of them: keeps the tests fast
         f"data.tokenizer_path={DEMO}/tokenizer.model",
         "data.max_seq_len=64",
