@@ -158,12 +158,22 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return scores.to(_acc_dtype(scores)).view(-1, group_size)
 
 
-def _zero_unusable_groups(adv: torch.Tensor, g: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Exactly 0 for invalid rows, for groups whose valid rewards are all equal (no signal; avoids rounding noise)
-    and for groups with fewer than two valid rows (no baseline)."""
+def _flat(g: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[G, 1] True where a group gives a group estimator no signal: its valid rewards are all equal, or fewer than
+    two of its rows are valid (no baseline)."""
     first = torch.where(v, g, float("inf")).min(-1, keepdim=True).values  # one valid reward of the group
-    equal = (torch.where(v, g, first) == first).all(-1, keepdim=True)
-    return torch.where(equal | (k < 2) | ~v, torch.zeros_like(adv), adv)
+    return (torch.where(v, g, first) == first).all(-1, keepdim=True) | (k < 2)
+
+
+def flat_groups(scores: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] scores in groups of the ``group_size`` samples of a prompt -> [N / group_size] bool: the groups GRPO and
+    RLOO draw no signal from (DAPO's dynamic sampling drops them; PPO counts them as ``flat_group_fraction``)."""
+    return _flat(*_valid_groups(scores, group_size, valid)).squeeze(-1)
+
+
+def _zero_unusable_groups(adv: torch.Tensor, g: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Exactly 0 for invalid rows and for flat groups (no signal; avoids rounding noise)."""
+    return torch.where(_flat(g, v, k) | ~v, torch.zeros_like(adv), adv)
 
 
 def _valid_groups(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None):
@@ -182,10 +192,9 @@ def grpo_advantages(
     ``valid`` [N] bool: only valid rows enter their group's mean and (sample) std, invalid rows get 0 -- a dropped
     sample changes nobody's baseline; a group with fewer than two valid rows has no baseline and gets 0."""
     g, v, k = _valid_groups(scores, group_size, valid)
-    mean = torch.where(v, g, 0.0).sum(-1, keepdim=True) / k.clamp(min=1)
-    adv = g - mean
+    adv = g - _mask_out(g, v).sum(-1, keepdim=True) / k.clamp(min=1)
     if scale_by_std and g.numel():
-        var = torch.where(v, adv**2, 0.0).sum(-1, keepdim=True) / (k - 1).clamp(min=1)
+        var = _mask_out(adv**2, v).sum(-1, keepdim=True) / (k - 1).clamp(min=1)
         adv = adv / (var.sqrt() + eps)
     return _zero_unusable_groups(adv, g, v, k).reshape(-1).to(scores.dtype)
 
@@ -195,8 +204,7 @@ def rloo_advantages(scores: torch.Tensor, group_size: int, valid: torch.Tensor |
     ``valid`` [N] bool, the other *valid* rewards (k - 1 of them); invalid rows and groups of fewer than two valid rows
     get 0."""
     g, v, k = _valid_groups(scores, group_size, valid)
-    total = torch.where(v, g, 0.0).sum(-1, keepdim=True)
-    adv = g - (total - g) / (k - 1).clamp(min=1)
+    adv = g - (_mask_out(g, v).sum(-1, keepdim=True) - g) / (k - 1).clamp(min=1)
     return _zero_unusable_groups(adv, g, v, k).reshape(-1).to(scores.dtype)
 
 

@@ -30,7 +30,7 @@ from mrlhf.models.roles import RoleModel, build_role
 from mrlhf.parallel import comm
 from mrlhf.parallel.schedule import forward_backward
 from mrlhf.parallel.state import ParallelContext
-from mrlhf.rl.advantages import RewardNormalizer
+from mrlhf.rl.advantages import RewardNormalizer, flat_groups
 from mrlhf.rl.ema import ema_update
 from mrlhf.rl.experience import Experience
 from mrlhf.rl.kl import build_kl_controller, kl_penalty
@@ -423,15 +423,6 @@ def _dtype(model) -> torch.dtype:
 
 EXP_KEYS = ("seqs", "valid", "raw_sum", "raw_sq", "score_sum", "score_sq", "len_sum", "truncated", "kl_sum", "tokens", "entropy_sum", "mismatch_sum", "adv_sum", "ret_sum", "ret_sq", "res_sum", "res_sq",
             "value_tokens", "groups", "flat_groups")  # fmt: skip
-
-
-def flat_groups(scores: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
-    """[b] scores in groups of the ``n`` samples of a prompt -> [b / n] bool: the group's valid scores are all equal
-    (or fewer than two are valid), so a group estimator draws no signal from it (DAPO's dynamic sampling drops such
-    groups; here they are counted)."""
-    g, v = scores.view(-1, n), valid.view(-1, n)
-    first = torch.where(v, g, float("inf")).min(-1, keepdim=True).values
-    return (torch.where(v, g, first) == first).all(-1) | (v.sum(-1) < 2)
 
 
 def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, measured_here: bool = True,
