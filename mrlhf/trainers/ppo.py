@@ -88,6 +88,8 @@ def load_ppo_data(cfg: RunConfig):
 
     if not cfg.generation.temperature > 0:
         raise ConfigError("ppo needs generation.temperature > 0 (rollouts are sampled; greedy has no log-probs)")
+    for spec in cfg.ppo.reward_functions:  # a typo fails here, before any checkpoint, process group or model
+        load_reward_function(spec)
     for name in ("actor_load_dir", "reference_load_dir", "critic_load_dir", "reward_load_dir"):
         src = getattr(cfg.ppo, name)
         if src is not None:
@@ -95,8 +97,6 @@ def load_ppo_data(cfg: RunConfig):
                 ckpt.read_meta(ckpt.latest_checkpoint(src) or src)
             except CheckpointError as e:
                 raise CheckpointError(f"ppo.{name}={src}: {e}") from None
-    for spec in cfg.ppo.reward_functions:  # a typo fails here, before any process group or model exists
-        load_reward_function(spec)
     tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
     prompts = build_datasets(cfg, "prompt", "ppo", tokenizer)
     if len(prompts.train) < cfg.training.global_batch_size:
