@@ -40,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     plot.add_argument("run_dir", help="a run's output_dir (holds metrics.jsonl)")
     plot.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
+    plan = sub.add_parser("plan", help="bytes per GPU by role, kind and phase for a layout, before any GPU is used")
+    plan_sub = plan.add_subparsers(dest="stage", required=True)
+    for name in ("sft", "rm", "dpo", "ppo"):
+        st = plan_sub.add_parser(name, help=f"plan a `mrlhf {name}` run")
+        st.add_argument("--config", required=True, help="YAML run file (configs/ppo_13b.yaml)")
+        st.add_argument("--world", type=int, help="number of processes (GPUs); default WORLD_SIZE, else tp*pp")
+        st.add_argument("--json", action="store_true", help="every rank's numbers as JSON instead of the table")
+        st.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="what a run on this device holds")
+        st.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=4 ppo.offload_frozen=false")
     tok = sub.add_parser("tokenizer", help="tokenizer utilities")
     tok_sub = tok.add_subparsers(dest="action", required=True)
     train = tok_sub.add_parser("train", help="train a sentencepiece model from text files")
@@ -58,6 +67,9 @@ def _quiet_known_warnings() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     _quiet_known_warnings()
+    from mrlhf.parallel.launch import apply_launcher_env
+
+    apply_launcher_env()  # an srun task (no torchrun) gets RANK/WORLD_SIZE/... from Slurm's variables, once
     if args.command == "tokenizer":
         from mrlhf.data.tokenizer import train_sentencepiece
 
@@ -75,6 +87,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _config_from_checkpoint(args.checkpoint, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)  # config errors surface before any distributed work
+    if args.command == "plan":
+        from mrlhf.plan import run_plan
+
+        print(run_plan(cfg, args.stage, args.world, args.json, args.device))
+        return 0
     stage = {"ppo": "ppo", "generate": "generate", "serve": "generate"}.get(args.command, "")
     cfg.validate_world(int(os.environ.get("WORLD_SIZE", "1")), stage)  # torchrun's layout, before any process group
     from mrlhf import integrity

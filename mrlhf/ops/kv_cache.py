@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,11 +35,21 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_layers, num_slots, max_batch, max_len, groups, head_dim)
+        shape = self.shape(num_layers, num_slots, max_batch, max_len, groups, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_batch, self.max_len = max_batch, max_len
         self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def shape(num_layers: int, num_slots: int, max_batch: int, max_len: int, groups: int, head_dim: int):
+        """One of K and V: [layers, slots, rows, positions, KV groups on this TP rank, head_dim]."""
+        return (num_layers, num_slots, max_batch, max_len, groups, head_dim)
+
+    @classmethod
+    def bytes_for(cls, *shape_args: int, dtype: torch.dtype) -> int:
+        """What a cache of these dimensions (the arguments of :meth:`shape`) holds: K and V."""
+        return 2 * math.prod(cls.shape(*shape_args)) * torch.empty((), dtype=dtype).element_size()
 
     @property
     def nbytes(self) -> int:

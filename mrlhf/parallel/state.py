@@ -59,7 +59,8 @@ def _free_port() -> int:
 def init_distributed(cfg: RunConfig, stage: str = "") -> ParallelContext:
     """Create (or reuse) the default process group and megatron's TP/PP/DP groups for ``cfg.parallel``.
 
-    Under torchrun the usual RANK/WORLD_SIZE/MASTER_* variables are read; a plain ``python`` run is world 1.
+    Under torchrun the usual RANK/WORLD_SIZE/MASTER_* variables are read (under srun the CLI derived them from
+    Slurm's, ``parallel/launch.py``); a plain ``python`` run is world 1.
     """
     from megatron.core import parallel_state
 
@@ -78,7 +79,9 @@ def init_distributed(cfg: RunConfig, stage: str = "") -> ParallelContext:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+            from mrlhf.parallel.launch import local_device_index
+
+            torch.cuda.set_device(local_device_index(local_rank, torch.cuda.device_count()))
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=p.timeout_minutes))
     world, rank = dist.get_world_size(), dist.get_rank()
     cfg.validate_world(world, stage)

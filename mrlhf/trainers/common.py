@@ -9,6 +9,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,11 +61,13 @@ def optimizer_step(
     opt_cfg: OptimizerConfig | None = None,
     sched_cfg: SchedulerConfig | None = None,
     total_steps: int | None = None,
+    on_stepped: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Finish the gradients of one global batch and step: tied sync, DP all-reduce, norm, clip, AdamW.
 
     ``opt_cfg``/``sched_cfg``/``total_steps`` default to the run's ``optimizer``, ``scheduler`` and
-    ``training.train_steps`` (PPO's critic passes its own). A non-finite gradient norm -- seen alike by every rank,
+    ``training.train_steps`` (PPO's critic passes its own). ``on_stepped`` runs after the step, before the gradients
+    are freed: the moment a training phase holds the most (parameters, gradients and optimizer state). A non-finite gradient norm -- seen alike by every rank,
     since the DP all-reduce spreads it and the norm is reduced over TP and PP -- skips the update (parameters and
     optimizer state untouched; counted in the returned metrics) instead of corrupting weights.
     """
@@ -78,6 +81,8 @@ def optimizer_step(
     if not skipped:
         clip_grads(params, opt_cfg.clip_grad, norm)
         opt.step(lr)
+    if on_stepped is not None:
+        on_stepped()
     opt.zero_grad()
     return {"lr": lr, "grad_norm": norm, "skipped_step": float(skipped)}
 

@@ -329,8 +329,13 @@ def _sum_stats(stats: list[dict[str, torch.Tensor]], into: dict[str, torch.Tenso
             into[k] = into.get(k, 0.0) + v.detach().double()
 
 
-def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, last: bool) -> dict[str, float]:
-    """ppo_epochs x num_minibatches optimizer steps of the actor (after the critic warm-up) and the critic."""
+def update(
+    run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, last: bool,
+    mem: dict[str, float] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """ppo_epochs x num_minibatches optimizer steps of the actor (after the critic warm-up) and the critic.
+    ``mem``: filled with the memory report taken at the first step of each model, while its gradients exist (each
+    model's own keys from its own step; the rest from the first)."""
     p, t = cfg.ppo, cfg.training
     extra = run.state.extra
     train_actor = run.state.step >= p.critic_warmup_iterations
@@ -345,6 +350,17 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
     actor, critic = run.roles["actor"], run.roles.get("critic")
     poison = nan_loss_requested(torch.distributed.get_rank(), run.state.step)
     iteration = run.state.step + 1
+
+    def report_at_step(role: str):
+        if mem is None or (epoch, k) != (0, 0):
+            return None
+
+        def report() -> None:
+            now = memory_report(run, ctx.device, peak=False)
+            mem.update(now if not mem else {key: v for key, v in now.items() if key.startswith(f"mem_{role}_")})
+
+        return report
+
     for epoch in range(p.ppo_epochs):
         for k in range(p.num_minibatches):
             rows = minibatch_rows(exp, k, p.num_minibatches)
@@ -364,7 +380,8 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
                 actor.set_lm_output(cfg.generation.temperature, entropy=p.entropy_coef > 0 or measure > 0)
                 loss_fn = actor_loss_fn(cfg, run.kl_ctl.value, tokens, seqs, ptx_tokens, poison, measure, mismatch_max)
                 _sum_stats(forward_backward(actor, mbs, loss_fn, cfg.model.hidden_size, _dtype(actor), ctx.device), sums)
-                st = optimizer_step(actor, run.optimizers["actor"], cfg, extra["actor_updates"], total_steps=actor_total)
+                st = optimizer_step(actor, run.optimizers["actor"], cfg, extra["actor_updates"], total_steps=actor_total,
+                                    on_stepped=report_at_step("actor"))  # fmt: skip
                 steps["actor"].append(st)
                 check_skip(run.state, st["skipped_step"], cfg, f"ppo iteration {iteration}: actor",
                            extra["actor_updates"] + 1, "actor")  # fmt: skip
@@ -382,7 +399,8 @@ def update(run: PPORun, exp: Experience, cfg: RunConfig, ctx: ParallelContext, l
                 _sum_stats(forward_backward(critic, mbs, loss_fn, cfg.model.hidden_size, _dtype(critic), ctx.device),
                            sums)  # fmt: skip
                 st = optimizer_step(critic, run.optimizers["critic"], cfg, extra["critic_updates"],
-                                    cfg.critic_optimizer, cfg.critic_scheduler, critic_total)  # fmt: skip
+                                    cfg.critic_optimizer, cfg.critic_scheduler, critic_total,
+                                    on_stepped=report_at_step("critic"))  # fmt: skip
                 steps["critic"].append(st)
                 check_skip(run.state, st["skipped_step"], cfg, f"ppo iteration {iteration}: critic",
                            extra["critic_updates"] + 1, "critic")  # fmt: skip
@@ -537,17 +555,26 @@ def next_prompts(run: PPORun, cfg: RunConfig) -> tuple[list[int], list[int]]:
     return indices, dp_slice(indices)
 
 
-def memory_report(run: PPORun, device, kv_bytes: float = 0.0) -> dict[str, float]:
+def memory_report(run: PPORun, device, kv_bytes: float = 0.0, peak: bool = True) -> dict[str, float]:
+    """Bytes each role (and the EMA copy of the actor) holds on ``device`` now, by kind; ``mrlhf plan`` predicts
+    the same keys (``mrlhf/plan.py``)."""
     report = {}
-    for r, model in run.roles.items():
+    held = dict(run.roles, **({"ema_actor": run.ema} if run.ema is not None else {}))
+    for r, model in held.items():
         b = residency.device_bytes(model, device, run.optimizers.get(r))
         for kind, v in b.items():
             report[f"mem_{r}_{kind}_bytes"] = float(v)
     report["mem_kv_cache_bytes"] = float(kv_bytes)
-    if device.type == "cuda":
-        report["mem_cuda_max_allocated_bytes"] = float(torch.cuda.max_memory_allocated(device))
-        torch.cuda.reset_peak_memory_stats(device)
-    return report
+    return {**report, **(cuda_peak(device) if peak else {})}
+
+
+def cuda_peak(device) -> dict[str, float]:
+    """The phase's CUDA peak so far (then reset: the next phase counts afresh); nothing off CUDA."""
+    if device.type != "cuda":
+        return {}
+    peak = float(torch.cuda.max_memory_allocated(device))
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"mem_cuda_max_allocated_bytes": peak}
 
 
 def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
@@ -597,9 +624,10 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         if record["dropped_samples"] > 0:
             warn_dropped(exp, run, batch, p.n_samples, total_seqs, last, device)
         with timer("train"):
-            record.update(update(run, exp, cfg, ctx, last))
-        if mem_due:
-            mem["train"] = memory_report(run, device)
+            mem_train: dict[str, float] | None = {} if mem_due else None
+            record.update(update(run, exp, cfg, ctx, last, mem_train))
+        if mem_train is not None:  # taken at each model's first step, while its gradients exist; the CUDA peak now
+            mem["train"] = {**(mem_train or memory_report(run, device, peak=False)), **cuda_peak(device)}
         sync_controllers(run, record, total_seqs, device)
         state.step += 1
         state.consumed_samples += t.global_batch_size
