@@ -465,6 +465,10 @@ class PPOSection:
     NaN (the sample is dropped) when none did."""
     offload_frozen: bool = True
     """Keep the reference and reward models in host memory outside experience making."""
+    offload_optimizer: bool = False
+    """Keep the actor's and critic's optimizer state (AdamW moments, fp32 masters: 12 bytes per bf16 parameter) in
+    pinned host memory outside the training phase, so generation's KV cache has that room. Costs two host copies of
+    it per iteration; the updates are bit-identical."""
     save_frozen_roles: bool = True
     """Store the reference and reward models in every checkpoint (self-contained resume)."""
 

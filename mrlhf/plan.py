@@ -15,7 +15,8 @@ and CUDA-context memory, the caching allocator's slack. Leave room for them: the
 
 PPO residency, in steady state (from the second iteration on; the first holds no optimizer state before its first
 step): trained roles (actor, critic when GAE) keep parameters and optimizer state on the device throughout; frozen
-roles (reference, reward) are on the device only during experience making when ``ppo.offload_frozen``; the EMA copy
+roles (reference, reward) are on the device only during experience making when ``ppo.offload_frozen``; with
+``ppo.offload_optimizer`` the trained roles' optimizer state is on the device only while training; the EMA copy
 stays; the KV cache exists only during generation; each trained role's gradients exist from its backward to its step
 (the actor's are freed before the critic's backward, so a phase's peak holds one of them).
 """
@@ -167,6 +168,7 @@ def plan(cfg: RunConfig, world: int, stage: str, device: str = "cuda") -> Plan:
             rank = layout.rank(Coord(tp_rank=0, pp_rank=pp_rank, dp_rank=dp_rank))
             with fake_world(world, rank, p.tp, p.pp):
                 held: dict[str, dict[str, int]] = {}
+                idle_optimizer: dict[str, int] = {}  # outside training (ppo.offload_optimizer: counters only)
                 kv = 0
                 for role, how in roles.items():
                     model = build_role(cfg, "actor" if role == "ema_actor" else role, vocab, device=meta,
@@ -178,7 +180,10 @@ def plan(cfg: RunConfig, world: int, stage: str, device: str = "cuda") -> Plan:
                         opt = Optimizer(params, opt_cfg, p.zero1, fp32_grads=t.grad_reduce_in_fp32)
                         mem["grads"] = Optimizer.grad_bytes(params, t.grad_reduce_in_fp32)
                         mem["optimizer"] = opt.stepped_bytes(dev)
+                        idle = opt.stepped_bytes(dev, offloaded=stage == "ppo" and cfg.ppo.offload_optimizer)
                     held[role] = mem
+                    if how == "trained":
+                        idle_optimizer[role] = idle
                     if stage == "ppo" and role == "actor":
                         kv = _rollout_cache_bytes(cfg, model, dp, KVCache)
             phases = {}
@@ -188,7 +193,10 @@ def plan(cfg: RunConfig, world: int, stage: str, device: str = "cuda") -> Plan:
                     for kind in KINDS:
                         if kind in held[role]:
                             on = _resident(how, phase) and (kind != "grads" or phase == "train")
-                            out[f"mem_{role}_{kind}_bytes"] = held[role][kind] if on else 0
+                            value = held[role][kind] if on else 0
+                            if kind == "optimizer" and phase != "train":
+                                value = idle_optimizer[role]
+                            out[f"mem_{role}_{kind}_bytes"] = value
                 if stage == "ppo":
                     out["mem_kv_cache_bytes"] = kv if phase == "generate" else 0
                 phases[phase] = out
@@ -222,9 +230,11 @@ GIB = 2**30
 def format_plan(plan_: Plan) -> str:
     """The table a user reads: GiB per GPU by role and kind for each pipeline stage (the most loaded DP rank under
     ZeRO-1), then each phase's peak."""
+    biggest = max(r.peak(ph) for r in plan_.ranks for ph in r.phases)
+    unit, scale = ("GiB", GIB) if biggest >= GIB else ("MiB", 2**20)
     lines = [
         f"mrlhf plan: {plan_.stage} on {plan_.world} GPUs (tp={plan_.tp} pp={plan_.pp} dp={plan_.dp}), "
-        f"{plan_.precision}; GiB per GPU; activations, NCCL/CUDA context and allocator slack not counted",
+        f"{plan_.precision}; {unit} per GPU; activations, NCCL/CUDA context and allocator slack not counted",
         "roles: " + ", ".join(f"{r} ({how})" for r, how in plan_.roles.items()),
     ]
     worst = {}
@@ -243,12 +253,12 @@ def format_plan(plan_: Plan) -> str:
             if key in stages[0].phases[phase0]:
                 # the role's own size, whichever phase holds it (a frozen role's params in experience making)
                 vals = [max(ph.get(key, 0) for ph in r.phases.values()) for r in stages]
-                lines.append(f"  {role + ' ' + kind:22}" + "".join(f"{v / GIB:10.2f}" for v in vals))
+                lines.append(f"  {role + ' ' + kind:22}" + "".join(f"{v / scale:10.2f}" for v in vals))
     if plan_.stage == "ppo":
         vals = [r.phases["generate"]["mem_kv_cache_bytes"] for r in stages]
-        lines.append(f"  {'kv cache (generate)':22}" + "".join(f"{v / GIB:10.2f}" for v in vals))
+        lines.append(f"  {'kv cache (generate)':22}" + "".join(f"{v / scale:10.2f}" for v in vals))
     for phase in stages[0].phases:
-        lines.append(f"peak {phase:19}" + "".join(f"{r.peak(phase) / GIB:10.2f}" for r in stages))
+        lines.append(f"peak {phase:19}" + "".join(f"{r.peak(phase) / scale:10.2f}" for r in stages))
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ compute device, so a forward through an offloaded model fails loudly instead of 
 the originals released -- so the state machine is exercised (and tested) where the tests run.
 
 ``device_bytes`` reports what a model, its gradients and its optimizer state hold on a device: the per-phase memory
-report of PPO. Optimizer state of an idle model moves with :func:`offload_optimizer` / :func:`reload_optimizer`.
+report of PPO. Optimizer state of an idle model (PPO's actor and critic outside training, ``ppo.offload_optimizer``)
+moves the same way with :func:`offload_optimizer` / :func:`reload_optimizer`.
 """
 
 from __future__ import annotations
@@ -61,27 +62,46 @@ def device_bytes(model: torch.nn.Module, device: torch.device, optimizer=None) -
     report = {"params": size(_tensors(model)), "grads": size(grads)}
     if optimizer is not None:
         inner = getattr(optimizer, "inner", optimizer)
-        state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
-        masters = list(getattr(optimizer, "targets", {}).values()) if getattr(optimizer, "use_master", False) else []
-        report["optimizer"] = size(state) + size(masters)
+        steps = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() == 0]
+        report["optimizer"] = size(_optimizer_tensors(optimizer)) + size(steps)
     return report
 
 
-def _move(tensors, device: torch.device, pin: bool) -> None:
-    for t in tensors:
-        if t.device == device:
-            continue
-        host = t.data.to(device, non_blocking=True)
-        if pin and device.type == "cpu" and torch.cuda.is_available():
-            host = host.pin_memory()
-        t.data = host
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    """An ``Optimizer``'s own device state: AdamW's moments (not the 0-d step counters) and the fp32 masters of
+    low-precision parameters (not the model's parameters themselves, which full-precision runs step in place)."""
+    inner = getattr(optimizer, "inner", optimizer)
+    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    masters = list(getattr(optimizer, "targets", {}).values()) if getattr(optimizer, "use_master", False) else []
+    return state + masters
 
 
-def offload_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    for state in optimizer.state.values():
-        _move([v for v in state.values() if torch.is_tensor(v) and v.dim() > 0], torch.device("cpu"), pin=True)
+def offload_optimizer(optimizer) -> None:
+    """An idle model's optimizer state to (pinned) host copies, the device storage released, as :func:`offload`
+    does for weights (also on a CPU-only machine). Idempotent; state created later (AdamW's first step) is not
+    affected until the next call."""
+    if getattr(optimizer, "mrlhf_host_copies", None) is not None:
+        return
+    pin = torch.cuda.is_available()
+    host = []
+    for t in _optimizer_tensors(optimizer):
+        copy = t.data.to("cpu", copy=True)
+        host.append(copy.pin_memory() if pin else copy)
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    optimizer.mrlhf_host_copies = host
 
 
-def reload_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for state in optimizer.state.values():
-        _move([v for v in state.values() if torch.is_tensor(v) and v.dim() > 0], device, pin=False)
+def reload_optimizer(optimizer, device: torch.device) -> None:
+    """The optimizer state back on ``device`` (a no-op when it is not offloaded)."""
+    host = getattr(optimizer, "mrlhf_host_copies", None)
+    if host is None:
+        return
+    tensors = _optimizer_tensors(optimizer)
+    assert len(tensors) == len(host), "optimizer state changed while offloaded"
+    for t, h in zip(tensors, host):
+        t.data = h.to(device, non_blocking=True)
+    optimizer.mrlhf_host_copies = None
+
+
+def optimizer_offloaded(optimizer) -> bool:
+    return getattr(optimizer, "mrlhf_host_copies", None) is not None

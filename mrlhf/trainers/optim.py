@@ -103,17 +103,18 @@ class Optimizer:
             for p, new in zip(mine, _unflatten_dense_tensors(flat, mine)):
                 p.copy_(new)
 
-    def stepped_bytes(self, device: torch.device) -> int:
+    def stepped_bytes(self, device: torch.device, offloaded: bool = False) -> int:
         """What this optimizer holds on ``device`` once it has stepped (``residency.device_bytes``' 'optimizer'):
-        AdamW's two moments in the stepped tensor's dtype, the fp32 masters of low-precision parameters, and AdamW's
-        per-tensor ``step`` counter, a 0-d fp32 tensor kept on the CPU (so counted on a CPU run only). Works on
-        meta-device parameters (``mrlhf plan``)."""
+        AdamW's two moments in the stepped tensor's dtype, the fp32 masters of low-precision parameters (neither
+        while ``offloaded`` to host memory), and AdamW's per-tensor ``step`` counter, a 0-d fp32 tensor kept on the
+        CPU (so counted on a CPU run only, offloaded or not). Works on meta-device parameters (``mrlhf plan``)."""
         total = 0
         for i in self.owned:
             target = self.targets[i]
-            total += 2 * target.numel() * target.element_size()
-            if self.use_master:
-                total += target.numel() * target.element_size()
+            if not offloaded:
+                total += 2 * target.numel() * target.element_size()
+                if self.use_master:
+                    total += target.numel() * target.element_size()
             if device.type == "cpu":
                 total += torch.empty((), dtype=torch.float32).element_size()
         return total
@@ -125,6 +126,8 @@ class Optimizer:
         return sum(p.numel() * (4 if fp32_grads and p.dtype != torch.float32 else p.element_size()) for p in params)
 
     def state_dict(self) -> dict:
+        if getattr(self, "mrlhf_host_copies", None) is not None:  # residency.offload_optimizer left empty tensors
+            raise RuntimeError("optimizer state is offloaded to host memory: residency.reload_optimizer first")
         state = {"inner": self.inner.state_dict(), "owned": self.owned, "zero1": self.zero1}
         if self.use_master:
             state["masters"] = {i: m.detach().clone() for i, m in self.targets.items()}

@@ -227,6 +227,9 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
     if p.offload_frozen:
         for r in frozen:
             residency.offload(roles[r])
+    if p.offload_optimizer:  # on the device only while training (train_ppo brings it back for the updates)
+        for opt in optimizers.values():
+            residency.offload_optimizer(opt)
     reward_fn = None
     if p.reward_function:
         reward_fn = RewardFunction(p.reward_functions, tokenizer, prompts.train, tokenizer.eos_id, p.reward_weights)
@@ -625,7 +628,8 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
             warn_dropped(exp, run, batch, p.n_samples, total_seqs, last, device)
         with timer("train"):
             mem_train: dict[str, float] | None = {} if mem_due else None
-            record.update(update(run, exp, cfg, ctx, last, mem_train))
+            with optimizers_on_device(run, cfg, device):
+                record.update(update(run, exp, cfg, ctx, last, mem_train))
         if mem_train is not None:  # taken at each model's first step, while its gradients exist; the CUDA peak now
             mem["train"] = {**(mem_train or memory_report(run, device, peak=False)), **cuda_peak(device)}
         sync_controllers(run, record, total_seqs, device)
@@ -647,6 +651,8 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
         save(run, cfg, ctx, final=state.step == t.train_steps)
         maybe_fault(f"after_step:{state.step}")
     metrics.close()
+    for opt in run.optimizers.values():  # the caller gets usable optimizers (ppo.offload_optimizer kept them on host)
+        residency.reload_optimizer(opt, device)
     if records:
         r = records[-1]
         log_main(f"PPO done: iteration {state.step} reward {r['reward_raw_mean']:.4f} kl {r['kl_per_sequence']:.4f} "
@@ -669,12 +675,29 @@ def sync_controllers(run: PPORun, record: dict[str, float], total_seqs: int, dev
     run.state.extra["reward_normalizer"] = run.normalizer.state_dict()
 
 
+@contextlib.contextmanager
+def optimizers_on_device(run: PPORun, cfg: RunConfig, device):
+    """With ``ppo.offload_optimizer``: the trained models' optimizer state on the device for the block, then back to
+    host memory (state AdamW creates in the block goes with it)."""
+    if not cfg.ppo.offload_optimizer:
+        yield
+        return
+    for opt in run.optimizers.values():
+        residency.reload_optimizer(opt, device)
+    try:
+        yield
+    finally:
+        for opt in run.optimizers.values():
+            residency.offload_optimizer(opt)
+
+
 def save(run: PPORun, cfg: RunConfig, ctx: ParallelContext, final: bool) -> None:
     if not save_due(cfg, run.state, final):
         return
     offloaded = [r for r in FROZEN if r in run.saved and residency.is_offloaded(run.roles[r])]
     for r in offloaded:  # frozen roles that the checkpoint holds are saved from the device copy
         residency.reload(run.roles[r], ctx.device)
-    maybe_save(cfg, run.state, run.saved, run.optimizers, run.tokenizer.hash, final)
+    with optimizers_on_device(run, cfg, ctx.device):  # so is offloaded optimizer state
+        maybe_save(cfg, run.state, run.saved, run.optimizers, run.tokenizer.hash, final)
     for r in offloaded:
         residency.offload(run.roles[r])

@@ -48,9 +48,10 @@ def compare(plan: dict, results: list[dict], phases=("generate", "experience", "
     [
         # TP2 x PP2, GAE (all four roles), fp32, frozen roles offloaded, an EMA copy of the actor
         ({"tp": 2, "pp": 2}, 4, ["ppo.ema_decay=0.9"]),
-        # DP2 with ZeRO-1 (uneven ownership), bf16 with fp32 gradients, GRPO (no critic), frozen roles kept resident
+        # DP2 with ZeRO-1 (uneven ownership), bf16 with fp32 gradients, GRPO (no critic), frozen roles kept resident,
+        # the actor's optimizer state (masters included) in host memory outside training
         ({}, 2, ["parallel.zero1=true", "training.precision=bf16", "ppo.estimator=grpo",
-                 "ppo.offload_frozen=false", "ppo.n_samples=4"]),
+                 "ppo.offload_frozen=false", "ppo.n_samples=4", "ppo.offload_optimizer=true"]),
     ],
     ids=["tp2pp2-gae-ema", "dp2-zero1-bf16-grpo"],
 )
@@ -66,3 +67,6 @@ def test_plan_equals_the_measured_memory_of_every_rank(tmp_path, layout, world, 
         a, b = (x["phases"]["train"] for x in plan["ranks"])
         assert a["mem_actor_optimizer_bytes"] != b["mem_actor_optimizer_bytes"], (a, b)
         assert a["mem_reference_params_bytes"] > 0  # kept resident (ppo.offload_frozen=false)
+        gen = plan["ranks"][0]["phases"]["generate"]
+        # ppo.offload_optimizer: AdamW's 0-d step counters (kept on the CPU by torch) are all a CPU run still counts
+        assert 0 < gen["mem_actor_optimizer_bytes"] < a["mem_actor_optimizer_bytes"] / 1000

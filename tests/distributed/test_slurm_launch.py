@@ -116,7 +116,7 @@ def test_dry_run_prints_the_plan_and_the_srun_line_without_slurm(tmp_path):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert dry.returncode == 0, dry.stderr
     assert "[ppo] 4 nodes x 8 GPUs = 32 processes" in dry.stdout
-    assert "mrlhf plan: ppo on 32 GPUs (tp=8 pp=2 dp=2), bf16" in dry.stdout, dry.stdout
+    assert "mrlhf plan: ppo on 32 GPUs (tp=8 pp=2 dp=2), bf16; GiB per GPU" in dry.stdout, dry.stdout
     assert "would run: srun --nodes=4 --ntasks-per-node=8 --kill-on-bad-exit=1" in dry.stdout
     assert not (tmp_path / "srun.log").exists()
     # outside a job, without --dry-run and without sbatch: one line, exit 2
