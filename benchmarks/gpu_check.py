@@ -44,6 +44,30 @@ def cli(args: list[str], timeout: float) -> dict:
     return {"rc": proc.returncode, "seconds": round(time.perf_counter() - start, 2), "tail": tail}
 
 
+def plan_vs_measured(run_args: list[str], record: dict) -> dict:
+    """``mrlhf plan`` (on this device) for the same run against its measured per-phase report: the keys that differ (none is
+    the claim of docs/launch.md) and each phase's planned peak next to CUDA's measured peak (which adds activations,
+    the allocator's slack and what the plan does not count)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    proc = subprocess.run([sys.executable, "-m", "mrlhf.cli", "plan", "ppo", "--json", "--device", device, *run_args],
+                          cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    if proc.returncode != 0:
+        return {"rc": proc.returncode, "tail": proc.stderr.strip().splitlines()[-3:]}
+    (rank,) = json.loads(proc.stdout)["ranks"]
+    differ = {}
+    for phase, want in rank["phases"].items():
+        for key, v in want.items():
+            got = record.get(f"{phase}_{key}", 0.0)
+            if got != v:
+                differ[f"{phase}_{key}"] = {"plan": v, "measured": got}
+    peaks = {phase: {"plan": rank["peak"][phase], "cuda_max_allocated": record.get(f"{phase}_mem_cuda_max_allocated_bytes")}
+             for phase in rank["phases"]}  # fmt: skip
+    return {"rc": 0, "differ": differ, "peaks": peaks}
+
+
 def stages(work: str, quick: bool) -> dict:
     steps = 2 if quick else 4
     out: dict = {}
@@ -63,14 +87,16 @@ def stages(work: str, quick: bool) -> dict:
                            ("grpo", [*grpo, f"ppo.critic_load_dir={d}/rm/checkpoints"]),
                            ("grpo_fn", [*grpo, "ppo.critic_load_dir=null",  # a Python reward on TP0 of the last stage
                                         "ppo.reward_function=mrlhf.demo.judge:reward"])):  # fmt: skip
-            res[f"ppo_{est}"] = cli(["ppo", "--config", "configs/ppo_demo.yaml", *common, *extra,
-                                     f"training.output_dir={d}/ppo_{est}", f"ppo.actor_load_dir={sft}"], 300)  # fmt: skip
+            run_args = ["--config", "configs/ppo_demo.yaml", *common, *extra, f"training.output_dir={d}/ppo_{est}",
+                        f"ppo.actor_load_dir={sft}"]  # fmt: skip
+            res[f"ppo_{est}"] = cli(["ppo", *run_args], 300)
             metrics = f"{d}/ppo_{est}/metrics.jsonl"
             if os.path.exists(metrics):
                 with open(metrics, encoding="utf-8") as f:
-                    first = json.loads(f.readline())
-                res[f"ppo_{est}"]["memory"] = {k: v for k, v in first.items() if "_mem_" in k}
-                res[f"ppo_{est}"]["phases_s"] = {k: first[k] for k in first if k.startswith("time_")}
+                    last = [json.loads(line) for line in f if line.strip()][-1]  # the last iteration: steady state
+                res[f"ppo_{est}"]["memory"] = {k: v for k, v in last.items() if "_mem_" in k}
+                res[f"ppo_{est}"]["phases_s"] = {k: last[k] for k in last if k.startswith("time_")}
+                res[f"ppo_{est}"]["plan"] = plan_vs_measured(run_args, last)
         res["generate"] = cli(["generate", "--checkpoint", sft, "--prompts", "mrlhf/assets/demo/prompts_eval.jsonl",
                                "--out", f"{d}/gen.jsonl", "generation.temperature=0"], 300)  # fmt: skip
         out[precision] = res

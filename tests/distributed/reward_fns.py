@@ -49,3 +49,18 @@ def const_one(prompts: list[str], completions: list[str], **kwargs) -> list[floa
 
 def broken(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
     raise KeyError("verifier service unreachable")
+
+
+def eval_scored(prompts: list[str], completions: list[str], answer: list[int], **kwargs) -> list[float]:
+    """``checked_length``'s score (the prompt's own ``answer`` column checked first), each call's scores appended as
+    one JSON line to ``$EVAL_CALLS/evals.<pid>`` with this rank's coordinates."""
+    import json
+
+    scores = checked_length(prompts, completions, answer)
+    directory = os.environ.get("EVAL_CALLS")
+    if directory:
+        coord = [ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                 ps.get_data_parallel_rank()]  # fmt: skip
+        with open(os.path.join(directory, f"evals.{os.getpid()}"), "a") as f:
+            f.write(json.dumps({"coord": coord, "prompts": prompts, "scores": scores}) + "\n")
+    return scores

@@ -1,7 +1,7 @@
 """``mrlhf plan`` on the shipped 13B configs against hand-counted numbers (Llama-2-13B's parameter count, each
 stage's share at TP8 x PP2, AdamW's bytes per parameter, the KV cache), ZeRO-1's partition, and its errors. The
 plans run in a subprocess: each builds a fake process group, which must not meet one a test left behind. (The plan
-is held to measured memory rank by rank in tests/distributed/test_plan.py.)"""
+is held to measured memory rank by rank in tests/distributed/test_plan_memory.py.)"""
 
 import json
 import subprocess

@@ -1,0 +1,51 @@
+"""Held-out PPO evaluation's settings: bad values and a missing eval split are one line before start-up."""
+
+from pathlib import Path
+
+import pytest
+
+from mrlhf.config import load_config
+from mrlhf.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+PPO_YAML = str(ROOT / "configs" / "ppo_demo.yaml")
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [("ppo.eval_temperature=-1", "ppo.eval_temperature must be in [0, 10]"),
+     ("ppo.eval_temperature=.nan", "ppo.eval_temperature must be in [0, 10]"),
+     ("ppo.eval_reward_function=no_colon", "ppo.eval_reward_function must be 'module:callable'"),
+     ("ppo.eval_reward_function=a:b,:c", "got ':c'")],
+)  # fmt: skip
+def test_bad_eval_settings_name_the_field(override, words):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(PPO_YAML, [override])
+    assert words in str(e.value), str(e.value)
+
+
+def test_eval_reward_functions_are_split():
+    cfg = load_config(PPO_YAML, ["ppo.eval_reward_function=mrlhf.demo.judge:reward, tests.x:y"])
+    assert cfg.ppo.eval_reward_functions == ["mrlhf.demo.judge:reward", "tests.x:y"]
+    assert load_config(PPO_YAML, []).ppo.eval_reward_functions == []
+
+
+def error_line(capsys, code: int) -> str:
+    assert code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mrlhf: error:"), lines
+    return lines[0]
+
+
+def test_cli_refuses_evaluation_without_an_eval_split_and_an_unimportable_eval_function(capsys, tmp_path):
+    from mrlhf.cli import main
+
+    no_roles = ["ppo.actor_load_dir=null", "ppo.critic_load_dir=null", f"training.output_dir={tmp_path / 'out'}",
+                "data.cache_dir=null"]  # fmt: skip
+    line = error_line(capsys, main(["ppo", "--config", PPO_YAML, "data.eval_path=null", "training.eval_interval=5",
+                                    *no_roles]))  # fmt: skip
+    assert "training.eval_interval > 0" in line and "data.eval_path" in line, line
+    line = error_line(capsys, main(["ppo", "--config", PPO_YAML, "ppo.eval_reward_function=no_such_eval_mod:f",
+                                    *no_roles]))  # fmt: skip
+    assert "ppo.eval_reward_function=no_such_eval_mod:f: cannot import module 'no_such_eval_mod'" in line, line
+    assert not (tmp_path / "out").exists()
