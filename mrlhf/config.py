@@ -463,6 +463,14 @@ class PPOSection:
     """Weights of the comma-separated ppo.reward_function entries (default 1 each). A sample's score is the weighted
     sum over the functions that scored it -- None/NaN from one function leaves it out of the sum, as in TRL -- and
     NaN (the sample is dropped) when none did."""
+    eval_temperature: float = 0.0
+    """Held-out evaluation (every ``training.eval_interval`` iterations, on ``training.eval_samples`` prompts of the
+    eval split): sampling temperature of its one response per prompt; 0 is greedy."""
+    eval_reward_function: str | None = None
+    """Score the held-out responses with these ``module:callable`` entries (comma-separated, weights 1) instead of
+    what training scores with -- e.g. train against a reward model, evaluate with a verifier or a gold judge."""
+    eval_before_train: bool = True
+    """With evaluation on, also evaluate the starting policy (iteration 0) on a fresh run."""
     offload_frozen: bool = True
     """Keep the reference and reward models in host memory outside experience making."""
     offload_optimizer: bool = False
@@ -521,6 +529,12 @@ class PPOSection:
             raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_path (an SFT-format data file)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ppo.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not (math.isfinite(self.eval_temperature) and 0.0 <= self.eval_temperature <= 10.0):
+            raise ConfigError(f"ppo.eval_temperature must be in [0, 10] (0: greedy), got {self.eval_temperature}")
+        for spec in self.eval_reward_functions:
+            if spec.count(":") != 1 or not all(spec.partition(":")[::2]):
+                raise ConfigError(f"ppo.eval_reward_function must be 'module:callable' entries (comma-separated), "
+                                  f"got {spec!r} in {self.eval_reward_function!r}")  # fmt: skip
         if self.reward_function is not None:
             for spec in self.reward_functions:
                 module, _, name = spec.partition(":")
@@ -544,6 +558,11 @@ class PPOSection:
     def reward_functions(self) -> list[str]:
         """The entries of ppo.reward_function ('module:callable' each; empty without one)."""
         return [s.strip() for s in self.reward_function.split(",")] if self.reward_function else []
+
+    @property
+    def eval_reward_functions(self) -> list[str]:
+        """The entries of ppo.eval_reward_function (empty without one)."""
+        return [s.strip() for s in self.eval_reward_function.split(",")] if self.eval_reward_function else []
 
     @property
     def needs_critic(self) -> bool:

@@ -46,14 +46,20 @@ def rollout(
     eos_id: int,
     pad_id: int,
     device: torch.device,
+    n_samples: int | None = None,
+    temperature: float | None = None,
 ) -> tuple[Experience, dict[str, float]]:
     """This DP rank's prompts -> rollout fields (every stage). ``first_seq_id``: global id of this rank's first
-    sequence. Returns the record and the generator's statistics."""
-    g, n = cfg.generation, cfg.ppo.n_samples
+    sequence. Returns the record and the generator's statistics. ``n_samples`` / ``temperature`` (held-out
+    evaluation) replace ``ppo.n_samples`` / ``generation.temperature``."""
+    g = cfg.generation
+    n = cfg.ppo.n_samples if n_samples is None else n_samples
     base = GenerationConfig.from_section(g, eos_id)
+    sampling = dataclasses.replace(base.sampling, seed=iteration_seed(g.seed, cfg.training.seed, iteration))
+    if temperature is not None:
+        sampling = dataclasses.replace(sampling, temperature=temperature)
     engine_cfg = dataclasses.replace(  # rollouts: fresh noise per iteration, stop at EOS only (token ids, no text)
-        base, sampling=dataclasses.replace(base.sampling, seed=iteration_seed(g.seed, cfg.training.seed, iteration)),
-        stop_token_ids=() if g.ignore_eos else (eos_id,), stop_strings=(),
+        base, sampling=sampling, stop_token_ids=() if g.ignore_eos else (eos_id,), stop_strings=(),
     )  # fmt: skip
     repeated = [p for p in prompts for _ in range(n)]  # the n samples of a prompt sit next to each other
     actor.eval()
@@ -74,7 +80,9 @@ def rollout(
     return exp, out.stats
 
 
-def _forward_rows(model, exp: Experience, size: int, collect, cfg: RunConfig, device) -> list:
+def forward_rows(model, exp: Experience, size: int, collect, cfg: RunConfig, device) -> list:
+    """A forward-only pass of ``model`` over every row of ``exp`` in microbatches of ``size``; ``collect(output,
+    microbatch)`` per microbatch on the last stage."""
     rows = torch.arange(exp.batch_size)
     dtype = next(model.parameters()).dtype
     return forward_only(model, exp.microbatches(rows, size, ()), collect, cfg.model.hidden_size, dtype, device)
@@ -94,15 +102,15 @@ def score(
         actor = roles["actor"]
         actor.eval()
         actor.set_lm_output(temp, entropy=True)
-        actor_out = _forward_rows(actor, exp, size, lambda o, mb: (o[0].float(), o[1].float()), cfg, device)
+        actor_out = forward_rows(actor, exp, size, lambda o, mb: (o[0].float(), o[1].float()), cfg, device)
     frozen = [roles[r] for r in ("reference", "reward") if r in roles]
     for model in frozen:
         residency.reload(model, device)
     roles["reference"].set_lm_output(temp)
-    ref_out = _forward_rows(roles["reference"], exp, size, lambda o, mb: o.float(), cfg, device)
+    ref_out = forward_rows(roles["reference"], exp, size, lambda o, mb: o.float(), cfg, device)
     reward_out = None
     if reward_fn is None:
-        reward_out = _forward_rows(roles["reward"], exp, size, lambda o, mb: o.float(), cfg, device)
+        reward_out = forward_rows(roles["reward"], exp, size, lambda o, mb: o.float(), cfg, device)
     if on_resident is not None:
         on_resident()
     if cfg.ppo.offload_frozen:
@@ -111,7 +119,7 @@ def score(
     values_out = None
     if "critic" in roles:
         roles["critic"].eval()
-        values_out = _forward_rows(roles["critic"], exp, size, lambda o, mb: o.float(), cfg, device)
+        values_out = forward_rows(roles["critic"], exp, size, lambda o, mb: o.float(), cfg, device)
     if not last_stage:
         return None
     exp.ref_logprobs = torch.cat(ref_out) * exp.action_mask

@@ -37,19 +37,20 @@ class RewardFunctionError(MrlhfError):
     """The reward function failed or answered something that is not one score per response."""
 
 
-def load(spec: str) -> Callable[..., Any]:
-    """Import ``module:callable`` (dots allowed on both sides); a one-line ConfigError naming what is missing."""
+def load(spec: str, field: str = "ppo.reward_function") -> Callable[..., Any]:
+    """Import ``module:callable`` (dots allowed on both sides); a one-line ConfigError naming ``field``, the entry
+    and what is missing."""
     module_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"ppo.reward_function={spec}: cannot import module '{module_name}': {e}") from None
+        raise ConfigError(f"{field}={spec}: cannot import module '{module_name}': {e}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"ppo.reward_function={spec}: module '{module_name}' has no attribute '{attr}'")
+            raise ConfigError(f"{field}={spec}: module '{module_name}' has no attribute '{attr}'")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ConfigError(f"ppo.reward_function={spec}: '{attr}' is a {type(obj).__name__}, not a function")
+        raise ConfigError(f"{field}={spec}: '{attr}' is a {type(obj).__name__}, not a function")
     return obj
 
 
@@ -85,10 +86,12 @@ class RewardFunction:
     their columns."""
 
     def __init__(self, specs: list[str] | str, tokenizer, dataset, eos_id: int,
-                 weights: list[float] | None = None) -> None:  # fmt: skip
+                 weights: list[float] | None = None, field: str = "ppo.reward_function") -> None:  # fmt: skip
+        """``field``: the config entry the functions came from (named in every error)."""
         self.specs = [specs] if isinstance(specs, str) else list(specs)
         self.spec = ",".join(self.specs)
-        self.fns = [load(spec) for spec in self.specs]
+        self.field = field
+        self.fns = [load(spec, field) for spec in self.specs]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.specs)
         self.tokenizer, self.dataset, self.eos_id = tokenizer, dataset, eos_id
         self.seconds = 0.0
@@ -110,7 +113,7 @@ class RewardFunction:
         clash = [k for k in RESERVED if k in columns]
         if clash:
             raise RewardFunctionError(
-                f"ppo.reward_function={spec}: the prompt rows have a field named {clash[0]!r}, which would clash "
+                f"{self.field}={spec}: the prompt rows have a field named {clash[0]!r}, which would clash "
                 f"with the function's own '{clash[0]}' argument: rename it in the data"
             )
         try:
@@ -118,7 +121,7 @@ class RewardFunction:
         except Exception as e:  # the user's code: one line naming it, the exception and where it was raised
             where = traceback.extract_tb(e.__traceback__)[-1]
             raise RewardFunctionError(
-                f"ppo.reward_function={spec} raised {type(e).__name__}: {e} (at {where.filename}:{where.lineno}; "
+                f"{self.field}={spec} raised {type(e).__name__}: {e} (at {where.filename}:{where.lineno}; "
                 f"first response {responses[0]!r} to {prompts[0]!r})"
             ) from None
         if isinstance(out, torch.Tensor):
@@ -127,16 +130,16 @@ class RewardFunction:
             scores = list(out)
         except TypeError:
             raise RewardFunctionError(
-                f"ppo.reward_function={spec} returned a {type(out).__name__}, not a list of {len(responses)} scores"
+                f"{self.field}={spec} returned a {type(out).__name__}, not a list of {len(responses)} scores"
             ) from None
         if len(scores) != len(responses):
             raise RewardFunctionError(
-                f"ppo.reward_function={spec} returned {len(scores)} scores for {len(responses)} responses"
+                f"{self.field}={spec} returned {len(scores)} scores for {len(responses)} responses"
             )
         for i, v in enumerate(scores):
             if v is not None and not isinstance(v, numbers.Real):
                 raise RewardFunctionError(
-                    f"ppo.reward_function={spec}: score {i} is {v!r} ({type(v).__name__}), not a number "
+                    f"{self.field}={spec}: score {i} is {v!r} ({type(v).__name__}), not a number "
                     f"(response {responses[i]!r})"
                 )
         return [float("nan") if v is None else float(v) for v in scores]
@@ -171,6 +174,6 @@ class RewardFunction:
         if error is not None:
             raise error
         if out[-1].item():
-            raise RewardFunctionError(f"ppo.reward_function={self.spec} failed on tensor-parallel rank 0 (its error "
+            raise RewardFunctionError(f"{self.field}={self.spec} failed on tensor-parallel rank 0 (its error "
                                       "says why)")  # fmt: skip
         return out[:-1]

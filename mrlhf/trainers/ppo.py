@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from mrlhf.rl.advantages import RewardNormalizer, flat_groups
 from mrlhf.rl.ema import ema_update
 from mrlhf.rl.experience import Experience
 from mrlhf.rl.kl import build_kl_controller, kl_penalty
-from mrlhf.rl.make_experience import rollout, score, shape
+from mrlhf.rl.make_experience import forward_rows, rollout, score, shape
 from mrlhf.rl.policy_losses import aggregate, policy_loss, value_loss
 from mrlhf.rl.reward_fn import RewardFunction
 from mrlhf.rl.reward_fn import load as load_reward_function
@@ -73,6 +74,7 @@ class PPORun:
     normalizer: RewardNormalizer
     reward_fn: RewardFunction | None = None
     saved: dict[str, torch.nn.Module] = field(default_factory=dict)
+    eval_fn: RewardFunction | None = None  # scores held-out responses when a function does (else the reward model)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -90,6 +92,8 @@ def load_ppo_data(cfg: RunConfig):
         raise ConfigError("ppo needs generation.temperature > 0 (rollouts are sampled; greedy has no log-probs)")
     for spec in cfg.ppo.reward_functions:  # a typo fails here, before any checkpoint, process group or model
         load_reward_function(spec)
+    for spec in cfg.ppo.eval_reward_functions:
+        load_reward_function(spec, "ppo.eval_reward_function")
     for name in ("actor_load_dir", "reference_load_dir", "critic_load_dir", "reward_load_dir"):
         src = getattr(cfg.ppo, name)
         if src is not None:
@@ -105,6 +109,9 @@ def load_ppo_data(cfg: RunConfig):
             f"{len(prompts.train)} prompts is fewer than one rollout batch (training.global_batch_size "
             f"{cfg.training.global_batch_size})",
         )  # fmt: skip
+    if cfg.training.eval_interval > 0 and prompts.eval is None:
+        raise ConfigError("ppo: training.eval_interval > 0 evaluates on held-out prompts, but there are none: set "
+                          "data.eval_path (or data.eval_fraction), or training.eval_interval=0")  # fmt: skip
     ptx = None
     if cfg.ppo.ptx_coef > 0:
         ptx_cfg = copy.deepcopy(cfg)
@@ -234,7 +241,13 @@ def prepare_ppo(cfg: RunConfig, ctx: ParallelContext) -> PPORun:
     if p.reward_function:
         reward_fn = RewardFunction(p.reward_functions, tokenizer, prompts.train, tokenizer.eos_id, p.reward_weights)
         log_main(f"ppo: rewards from the function {p.reward_function} (no reward model)")
-    return PPORun(tokenizer, prompts, ptx, roles, optimizers, ema, state, kl_ctl, normalizer, reward_fn, saved)
+    eval_fn = None
+    if cfg.training.eval_interval > 0 and (p.eval_reward_function or p.reward_function):
+        specs, weights, name = ((p.eval_reward_functions, None, "ppo.eval_reward_function") if p.eval_reward_function
+                                else (p.reward_functions, p.reward_weights, "ppo.reward_function"))  # fmt: skip
+        eval_fn = RewardFunction(specs, tokenizer, prompts.eval, tokenizer.eos_id, weights, name)
+    return PPORun(tokenizer, prompts, ptx, roles, optimizers, ema, state, kl_ctl, normalizer, reward_fn, saved,
+                  eval_fn)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -504,6 +517,64 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, 
     return out
 
 
+def evaluate(run: PPORun, cfg: RunConfig, ctx: ParallelContext, iteration: int) -> dict[str, float]:
+    """Held-out evaluation of the actor: ``training.eval_samples`` prompts of the eval split (cycled up to a whole
+    number per DP rank), one response each at ``ppo.eval_temperature`` (0: greedy) through the same in-layout
+    generation as the rollouts, scored by ``ppo.eval_reward_function`` when set, else by what training scores with
+    (the reward model, or ``ppo.reward_function``). Raw scores: no normaliser, KL or truncation penalty. Reads no
+    training RNG and changes no state, so a run trains identically with and without it (tested)."""
+    p, t, device = cfg.ppo, cfg.training, ctx.device
+    data, dp = run.prompts.eval, ctx.layout.dp
+    n = max(dp, min(t.eval_samples, len(data)) // dp * dp)
+    mine = dp_slice([i % len(data) for i in range(n)])
+    last = ps.is_pipeline_last_stage()
+    start = time.perf_counter()
+    exp, _ = rollout(run.roles["actor"], [list(data[i]) for i in mine], mine, ctx.dp_rank * len(mine), cfg,
+                     iteration, run.tokenizer.eos_id, run.tokenizer.pad_id, device, n_samples=1,
+                     temperature=p.eval_temperature)  # fmt: skip
+    if run.eval_fn is not None:
+        scores = run.eval_fn(exp, device) if last else None
+    else:  # the reward model, back from host memory for this pass only
+        model = run.roles["reward"]
+        residency.reload(model, device)
+        model.eval()
+        out = forward_rows(model, exp, t.micro_batch_size, lambda o, mb: o.float(), cfg, device)
+        if p.offload_frozen:
+            residency.offload(model)
+        scores = torch.cat(out) if last else None
+    local = [0.0] * 5
+    if last:
+        ok = torch.isfinite(scores)
+        good = torch.where(ok, scores, 0.0).double()
+        local = [float(good.sum()), float((good * good).sum()), float(ok.sum()),
+                 float(exp.response_length.sum()), float(exp.truncated.sum())]  # fmt: skip
+    total, total_sq, count, length, truncated = reduce_last_stage_scalars(local)
+    mean = total / max(count, 1.0)
+    out_stats = {
+        "eval_reward_mean": mean,
+        "eval_reward_std": math.sqrt(max(total_sq / max(count, 1.0) - mean * mean, 0.0)),
+        "eval_response_length": length / n,
+        "eval_truncation_rate": truncated / n,
+        "eval_dropped_samples": n - count,
+        "eval_samples": float(n),
+    }
+    if run.eval_fn is not None and len(run.eval_fn.parts) > 1:
+        out_stats.update({f"eval_{k}": v for k, v in reward_function_stats(run.eval_fn).items()
+                          if k.startswith("reward_fn_")})  # fmt: skip
+    (seconds,) = reduce_last_stage_scalars([time.perf_counter() - start], torch.distributed.ReduceOp.MAX)
+    out_stats["time_eval_s"] = seconds
+    how = "greedy" if p.eval_temperature == 0 else f"temperature {p.eval_temperature}"
+    by = run.eval_fn.spec if run.eval_fn is not None else "the reward model"
+    log_main(f"ppo eval at iteration {iteration}: reward {mean:.4f} over {n} held-out prompts ({how}, scored by {by})"
+             f", response length {length / n:.1f}")  # fmt: skip
+    return out_stats
+
+
+def eval_due(cfg: RunConfig, step: int) -> bool:
+    t = cfg.training
+    return t.eval_interval > 0 and (step % t.eval_interval == 0 or step == t.train_steps)
+
+
 def reward_function_stats(fn: RewardFunction) -> dict[str, float]:
     """The reward functions' share of the experience phase (the slowest DP rank) and, with several, each one's mean
     finite score over the iteration (``reward_fn_<name>_mean``), reduced over DP."""
@@ -598,6 +669,10 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     device = ctx.device
     reduce = comm.all_reduce_dp
+    if state.step == 0 and t.eval_interval > 0 and p.eval_before_train:  # the starting policy, iteration 0
+        record = {"iteration": 0, **evaluate(run, cfg, ctx, 0)}
+        records.append(record)
+        metrics.write(record)
     while state.step < t.train_steps:
         timer, start = PhaseTimer(), time.perf_counter()
         mem: dict[str, dict[str, float]] = {}  # per-phase memory, reported on the first and the last iteration
@@ -645,8 +720,11 @@ def train_ppo(cfg: RunConfig, ctx: ParallelContext) -> dict[str, Any]:
                   "iteration_time_s": time.perf_counter() - start, "consumed_prompts": state.consumed_samples}  # fmt: skip
         for phase, rep in mem.items():
             record.update({f"{phase}_{k}": v for k, v in rep.items()})
+        evaluated = eval_due(cfg, state.step)
+        if evaluated:
+            record.update(evaluate(run, cfg, ctx, state.step))
         records.append(record)
-        if state.step % cfg.logging.log_interval == 0 or state.step == t.train_steps:
+        if state.step % cfg.logging.log_interval == 0 or state.step == t.train_steps or evaluated:
             metrics.write(record)
         save(run, cfg, ctx, final=state.step == t.train_steps)
         maybe_fault(f"after_step:{state.step}")

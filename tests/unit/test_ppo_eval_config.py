@@ -14,12 +14,12 @@ PPO_YAML = str(ROOT / "configs" / "ppo_demo.yaml")
 @pytest.mark.parametrize(
     "override,words",
     [("ppo.eval_temperature=-1", "ppo.eval_temperature must be in [0, 10]"),
-     ("ppo.eval_temperature=.nan", "ppo.eval_temperature must be in [0, 10]"),
+     ("ppo.eval_temperature=.nan", "'ppo.eval_temperature' must be a finite number"),
      ("ppo.eval_reward_function=no_colon", "ppo.eval_reward_function must be 'module:callable'"),
      ("ppo.eval_reward_function=a:b,:c", "got ':c'")],
 )  # fmt: skip
 def test_bad_eval_settings_name_the_field(override, words):
-    with pytest.raises(ConfigError, match=None) as e:
+    with pytest.raises(ConfigError) as e:
         load_config(PPO_YAML, [override])
     assert words in str(e.value), str(e.value)
 
