@@ -16,7 +16,8 @@ GROUPS = {
     "responses": ("response_length", "truncation_rate", "flat_group_fraction"),
     "logprob_mismatch": ("logprob_mismatch_mean", "logprob_mismatch_max"),
     "skipped": ("skipped_steps", "skipped_steps_total"),
-    "time": ("time_generate_s", "time_experience_s", "time_reward_function_s", "time_train_s"),
+    "time": ("time_generate_s", "time_experience_s", "time_reward_function_s", "time_train_s", "time_eval_s"),
+    "eval": ("eval_reward_mean", "eval_reward_std", "eval_response_length", "eval_truncation_rate"),
 }
 
 
@@ -79,7 +80,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
         for ax, key in zip(axes[:, 0], keys):
             pts = [(r[x_key], r[key]) for r in records if isinstance(r.get(key), (int, float)) and x_key in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, marker="o" if len(pts) < 30 else None, ms=3)
             ax.set_ylabel(key, fontsize=8)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel(x_key)

@@ -38,6 +38,13 @@ echo "== 3/4 PPO"
 "$py" -m mrlhf.cli ppo --config configs/ppo_demo.yaml "$@"
 ppo_score=$(judge runs/ppo_demo/checkpoints runs/ppo_demo/eval_generations.jsonl)
 echo "[quickstart] PPO policy on 200 held-out prompts: $ppo_score"
+ppo_curve=$("$py" - <<'PY'
+import json
+evals = [r for r in map(json.loads, open("runs/ppo_demo/metrics.jsonl")) if "eval_reward_mean" in r]
+print(" -> ".join(f"{r['eval_reward_mean']:.3f} (it {r['iteration']})" for r in evals))
+PY
+)
+echo "[quickstart] PPO held-out judge score during training: $ppo_curve"
 
 echo "== 4/4 DPO"
 "$py" -m mrlhf.cli dpo --config configs/dpo_demo.yaml "$@"
@@ -45,5 +52,5 @@ dpo_score=$(judge runs/dpo_demo/checkpoints runs/dpo_demo/eval_generations.jsonl
 echo
 echo "[quickstart] SFT policy : $sft_score"
 echo "[quickstart] RM accuracy: $rm_acc (held-out pairs)"
-echo "[quickstart] PPO policy : $ppo_score"
+echo "[quickstart] PPO policy : $ppo_score  (during training: $ppo_curve)"
 echo "[quickstart] DPO policy : $dpo_score"

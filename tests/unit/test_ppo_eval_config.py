@@ -27,7 +27,7 @@ def test_bad_eval_settings_name_the_field(override, words):
 def test_eval_reward_functions_are_split():
     cfg = load_config(PPO_YAML, ["ppo.eval_reward_function=mrlhf.demo.judge:reward, tests.x:y"])
     assert cfg.ppo.eval_reward_functions == ["mrlhf.demo.judge:reward", "tests.x:y"]
-    assert load_config(PPO_YAML, []).ppo.eval_reward_functions == []
+    assert load_config(PPO_YAML, ["ppo.eval_reward_function=null"]).ppo.eval_reward_functions == []
 
 
 def error_line(capsys, code: int) -> str:
@@ -49,3 +49,22 @@ def test_cli_refuses_evaluation_without_an_eval_split_and_an_unimportable_eval_f
                                     *no_roles]))  # fmt: skip
     assert "ppo.eval_reward_function=no_such_eval_mod:f: cannot import module 'no_such_eval_mod'" in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_plot_has_an_eval_figure_from_the_sparse_eval_records(tmp_path):
+    import json
+
+    from mrlhf.plot import figure_groups, plot_run
+
+    records = [{"iteration": 0, "eval_reward_mean": 0.5, "eval_response_length": 7.0, "time_eval_s": 0.2}]
+    records += [{"iteration": i, "reward_raw_mean": 0.1 * i, "time_generate_s": 0.5} for i in (1, 2, 3)]
+    records[2].update(eval_reward_mean=0.7, eval_response_length=6.0, time_eval_s=0.2)
+    x_key, groups = figure_groups(records)
+    assert x_key == "iteration"
+    assert groups["eval"] == ["eval_reward_mean", "eval_response_length"]
+    assert groups["time"] == ["time_generate_s", "time_eval_s"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pytest.importorskip("matplotlib")
+    assert (run / "plots" / "eval.png").as_posix() in [p.replace("\\", "/") for p in plot_run(str(run))]
