@@ -74,7 +74,7 @@ def stages(work: str, quick: bool) -> dict:
     for precision in ("fp32", "bf16"):
         d = os.path.join(work, precision)
         common = [f"training.precision={precision}", f"training.train_steps={steps}", "training.eval_interval=0",
-                  "logging.progress_bar=false", "checkpoint.save_interval=0"]  # fmt: skip
+                  "logging.progress_bar=false", "checkpoint.save_interval=0", "training.eval_samples=64"]  # fmt: skip
         res = {}
         res["sft"] = cli(["sft", "--config", "configs/sft_demo.yaml", *common, f"training.output_dir={d}/sft"], 300)
         sft = f"{d}/sft/checkpoints"

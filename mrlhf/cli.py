@@ -1,6 +1,8 @@
 """``mrlhf <command> --config FILE [section.key=value ...]``: thin entry points over the trainers.
 
-Run single-process with ``mrlhf sft ...`` or under torchrun (``torchrun --nproc-per-node 4 -m mrlhf.cli sft ...``).
+Run single-process with ``mrlhf sft ...``, under torchrun (``torchrun --nproc-per-node 4 -m mrlhf.cli sft ...``) or
+as one srun task per GPU (``srun --ntasks-per-node 8 python -m mrlhf.cli sft ...``: the rank comes from Slurm's
+variables, ``parallel/launch.py``; ``scripts/run_ppo_13b.sh``). ``mrlhf plan STAGE`` prints what a layout holds per GPU.
 User errors (config, data, checkpoints, checkpoint I/O) print one line and exit with code 2; no traceback. Under
 torchrun the layout is checked against WORLD_SIZE before any process group exists, and only rank 0 prints the line
 (every rank raises the same error: checkpoint code agrees on rank-local failures first); every rank that reaches the

@@ -157,7 +157,7 @@ def plan(cfg: RunConfig, world: int, stage: str, device: str = "cuda") -> Plan:
     if stage not in STAGES:
         raise ConfigError(f"mrlhf plan: stage must be one of {', '.join(STAGES)}, got {stage!r}")
     dp = cfg.validate_world(world, "ppo" if stage == "ppo" else "")
-    p, t, g = cfg.parallel, cfg.training, cfg.generation
+    p, t = cfg.parallel, cfg.training
     layout = Layout.for_world(world, p.tp, p.pp)
     vocab = _vocab(cfg)
     roles = stage_roles(cfg, stage)
@@ -180,10 +180,9 @@ def plan(cfg: RunConfig, world: int, stage: str, device: str = "cuda") -> Plan:
                         opt = Optimizer(params, opt_cfg, p.zero1, fp32_grads=t.grad_reduce_in_fp32)
                         mem["grads"] = Optimizer.grad_bytes(params, t.grad_reduce_in_fp32)
                         mem["optimizer"] = opt.stepped_bytes(dev)
-                        idle = opt.stepped_bytes(dev, offloaded=stage == "ppo" and cfg.ppo.offload_optimizer)
+                        offloaded = stage == "ppo" and cfg.ppo.offload_optimizer
+                        idle_optimizer[role] = opt.stepped_bytes(dev, offloaded=offloaded)
                     held[role] = mem
-                    if how == "trained":
-                        idle_optimizer[role] = idle
                     if stage == "ppo" and role == "actor":
                         kv = _rollout_cache_bytes(cfg, model, dp, KVCache)
             phases = {}

@@ -1,11 +1,8 @@
 """``mrlhf plan`` on the shipped 13B configs against hand-counted numbers (Llama-2-13B's parameter count, each
-stage's share at TP8 x PP2, AdamW's bytes per parameter, the KV cache), ZeRO-1's partition, and its errors. The
-plans run in a subprocess: each builds a fake process group, which must not meet one a test left behind. (The plan
-is held to measured memory rank by rank in tests/distributed/test_plan_memory.py.)"""
+stage's share at TP8 x PP2, AdamW's bytes per parameter, the KV cache), ZeRO-1's partition, and its errors. Each plan
+builds (and tears down) a one-process fake process group here; unit tests hold no real one. (The plan is held to
+measured memory rank by rank in tests/distributed/test_plan_memory.py.)"""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,19 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 H, FFN, LAYERS, VOCAB = 5120, 13824, 40, 32000
 LLAMA2_13B = 13_015_864_320  # parameters of Llama-2-13B (HF: 40 layers, 5120 hidden, 13824 ffn, 32000 vocab)
 
-PLANS = r"""
-import json, sys
-from mrlhf.config import load_config
-from mrlhf.plan import plan
-out = {}
-for name, path, stage, world, overrides in json.loads(sys.argv[1]):
-    out[name] = plan(load_config(path, overrides), world, stage, "cuda").to_json()
-print(json.dumps(out))
-"""
-
-
 @pytest.fixture(scope="module")
 def plans() -> dict:
+    from mrlhf.config import load_config
+    from mrlhf.plan import plan
+
     cases = [
         ("sft_full", "configs/sft_13b.yaml", "sft", 1, ["parallel.tp=1", "parallel.pp=1"]),
         ("ppo16", "configs/ppo_13b.yaml", "ppo", 16, []),
@@ -37,10 +26,8 @@ def plans() -> dict:
                                                                 "ppo.n_samples=4", "ppo.ema_decay=0.99",
                                                                 "ppo.offload_optimizer=true"]),  # fmt: skip
     ]
-    done = subprocess.run([sys.executable, "-c", PLANS, json.dumps(cases)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    return {name: plan(load_config(str(ROOT / path), overrides), world, stage, "cuda").to_json()
+            for name, path, stage, world, overrides in cases}  # fmt: skip
 
 
 def test_the_13b_config_is_llama2_13b(plans):
@@ -105,19 +92,16 @@ def test_rank_plan_peak_counts_one_models_gradients_at_a_time():
     assert r.peak("train") == 10 + 1 + 30
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mrlhf.cli", "plan", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={"PYTHONWARNINGS": "ignore", "PATH": "/usr/bin:/bin"})  # fmt: skip
+def test_cli_errors_are_one_line_exit_2(capsys):
+    from mrlhf.cli import main
 
-
-def test_cli_errors_are_one_line_exit_2():
-    bad = run_cli("ppo", "--config", "configs/ppo_13b.yaml", "--world", "24")
-    assert bad.returncode == 2, bad.stderr
-    lines = [line for line in bad.stderr.splitlines() if line.strip()]
-    assert lines == ["mrlhf: error: world size 24 is not divisible by parallel.tp*parallel.pp = 16"], bad.stderr
-    batches = run_cli("ppo", "--config", "configs/ppo_13b.yaml", "--world", "48")  # dp 3 does not split 128 prompts
-    assert batches.returncode == 2 and "must be a multiple of dp (3)" in batches.stderr, batches.stderr
-    table = run_cli("ppo", "--config", "configs/ppo_13b.yaml", "--world", "16")
-    assert table.returncode == 0, table.stderr
-    assert table.stdout.startswith("mrlhf plan: ppo on 16 GPUs (tp=8 pp=2 dp=1), bf16; GiB per GPU")
-    assert "peak generate" in table.stdout and "kv cache (generate)" in table.stdout
+    config = str(ROOT / "configs" / "ppo_13b.yaml")
+    assert main(["plan", "ppo", "--config", config, "--world", "24"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["mrlhf: error: world size 24 is not divisible by parallel.tp*parallel.pp = 16"], lines
+    assert main(["plan", "ppo", "--config", config, "--world", "48"]) == 2  # dp 3 does not split 128 prompts
+    assert "must be a multiple of dp (3)" in capsys.readouterr().err
+    assert main(["plan", "ppo", "--config", config, "--world", "16"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("mrlhf plan: ppo on 16 GPUs (tp=8 pp=2 dp=1), bf16; GiB per GPU")
+    assert "peak generate" in table and "kv cache (generate)" in table
