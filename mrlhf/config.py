@@ -392,6 +392,9 @@ class PPOSection:
     """Policy ratio clip below 1 (ratio >= 1 - clip_low)."""
     clip_high: float = 0.2
     """Policy ratio clip above 1 (ratio <= 1 + clip_high; > clip_low is DAPO's clip-higher)."""
+    importance_sampling_level: str = "token"
+    """The policy ratio: 'token' (PPO, GRPO) or 'sequence' (GSPO: one ratio per response, the geometric mean of its
+    tokens', clipped as one; pair it with GSPO's narrow ranges, e.g. clip_low 3e-4, clip_high 4e-4). TRL's name."""
     dual_clip: float | None = None
     """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens at c*|A|; None disables."""
     value_clip: float | None = 0.2
@@ -495,6 +498,9 @@ class PPOSection:
                 raise ConfigError(f"ppo.{name} must be finite and >= 0, got {v}")
         if self.clip_low >= 1:
             raise ConfigError(f"ppo.clip_low must be < 1, got {self.clip_low}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ConfigError(f"ppo.importance_sampling_level must be token or sequence (GSPO), got "
+                              f"{self.importance_sampling_level!r}")  # fmt: skip
         if self.dual_clip is not None and not (math.isfinite(self.dual_clip) and self.dual_clip > 1):
             raise ConfigError(f"ppo.dual_clip must be > 1 (or null), got {self.dual_clip}")
         for name in ("value_clip", "reward_clip", "kl_target", "loss_agg_constant"):

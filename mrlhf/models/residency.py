@@ -24,14 +24,20 @@ def offload(model: torch.nn.Module) -> None:
     """Parameters and buffers to (pinned) host copies; the device storage is released. Idempotent."""
     if is_offloaded(model):
         return
+    model.mrlhf_host_copies = _to_host(_tensors(model))
+    model.mrlhf_offloaded = True
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` in (pinned, when CUDA exists) host memory; each original's storage is released (an empty
+    tensor of its dtype on its device), so nothing of it stays on the device."""
     pin = torch.cuda.is_available()
     host = []
-    for t in _tensors(model):
+    for t in tensors:
         copy = t.data.to("cpu", copy=True)
         host.append(copy.pin_memory() if pin else copy)
         t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-    model.mrlhf_host_copies = host
-    model.mrlhf_offloaded = True
+    return host
 
 
 def reload(model: torch.nn.Module, device: torch.device) -> None:
@@ -82,13 +88,7 @@ def offload_optimizer(optimizer) -> None:
     affected until the next call."""
     if getattr(optimizer, "mrlhf_host_copies", None) is not None:
         return
-    pin = torch.cuda.is_available()
-    host = []
-    for t in _optimizer_tensors(optimizer):
-        copy = t.data.to("cpu", copy=True)
-        host.append(copy.pin_memory() if pin else copy)
-        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-    optimizer.mrlhf_host_copies = host
+    optimizer.mrlhf_host_copies = _to_host(_optimizer_tensors(optimizer))
 
 
 def reload_optimizer(optimizer, device: torch.device) -> None:

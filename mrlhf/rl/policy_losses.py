@@ -19,14 +19,29 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
+    level: str = "token",
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate: -> (loss [b, s], clipped [b, s] 0/1, approx_kl [b, s]); gradient through logp only."""
+    """PPO clipped surrogate: -> (loss [b, s], clipped [b, s] 0/1, approx_kl [b, s]); gradient through logp only.
+
+    ``level`` 'token' (PPO, GRPO): each token's own ratio. 'sequence' (GSPO, Zheng et al. 2025; TRL's
+    ``importance_sampling_level="sequence"``): every token of a row takes the row's ratio, the geometric mean of its
+    tokens' ratios over ``mask`` -- ``exp(mean_t(logp - old_logp))`` -- clipped as one (GSPO's ranges are ~1e-3
+    wide, not 0.2), so the gradient reaches each token with weight ``1/|y|``. ``approx_kl`` stays per token."""
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"PPO clip ranges must be >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    if level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"importance sampling level must be one of {IMPORTANCE_LEVELS}, got {level!r}")
     old_logp, advantages = old_logp.detach(), advantages.detach()
-    log_ratio = logp - old_logp
+    token_log_ratio = log_ratio = logp - old_logp
+    if level == "sequence":
+        if mask is None:
+            raise ValueError("a sequence-level ratio needs the mask of the tokens it averages over")
+        m = mask.to(log_ratio.dtype)
+        per_row = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        log_ratio = per_row.expand_as(token_log_ratio)
     ratio = torch.exp(log_ratio)
     surr1 = -advantages * ratio
     surr2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -34,8 +49,12 @@ def policy_loss(
     clipped = (surr2 > surr1).to(loss.dtype)
     if dual_clip is not None:
         loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
-    approx_kl = ((ratio - 1.0) - log_ratio).detach()
+    token_ratio = torch.exp(token_log_ratio.detach())
+    approx_kl = (token_ratio - 1.0) - token_log_ratio.detach()
     return loss, clipped, approx_kl
+
+
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def value_loss(

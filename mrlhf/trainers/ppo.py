@@ -295,7 +295,7 @@ def actor_loss_fn(cfg: RunConfig, kl_coef: float, tokens: float, seqs: float, pt
                 measured.update(m_mismatch_sum=gap.sum(), m_mismatch_tokens=seen.sum())
                 mismatch_max.append(gap.max() if gap.numel() else gap.new_zeros(()))
         pg, clipped, approx_kl = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], p.clip_low, p.clip_high,
-                                             p.dual_clip)  # fmt: skip
+                                             p.dual_clip, p.importance_sampling_level, m)  # fmt: skip
         loss = agg(pg, m)
         if p.entropy_coef:
             loss = loss - p.entropy_coef * agg(entropy, m)

@@ -120,6 +120,24 @@ def test_grpo_tp2pp2_matches_single_process(tmp_path):
     assert_params_match(results, ref, roles=("actor",))
 
 
+def test_gspo_sequence_ratio_tp2pp2_matches_single_process_and_differs_from_token_level(tmp_path):
+    """GSPO (GRPO advantages, one clipped ratio per response): TP2xPP2 equals TP1; with two epochs and GSPO's narrow
+    ranges the second epoch clips whole responses, and the update is not the token-level one."""
+    extra = ["ppo.estimator=grpo", "ppo.n_samples=4", "ppo.ppo_epochs=2", "ppo.clip_low=3e-4", "ppo.clip_high=4e-4",
+             "ppo.loss_agg=seq-mean-token-mean"]  # fmt: skip
+    gspo = [*extra, "ppo.importance_sampling_level=sequence"]
+    (ref,) = run_ranks(ppo_rank, 1, str(tmp_path / "ref"), {}, gspo)
+    rec = ref["records"][0]
+    assert 0 < rec["clip_fraction"] < 1 and rec["pg_loss"] != 0, rec
+    results = run_ranks(ppo_rank, 4, str(tmp_path / "tp2pp2"), {"tp": 2, "pp": 2}, gspo)
+    for r in results:
+        assert_records_match(r["records"], ref["records"], ("pg_loss", "reward_raw_mean", "clip_fraction", "approx_kl"))
+    assert_params_match(results, ref, roles=("actor",))
+    (token,) = run_ranks(ppo_rank, 1, str(tmp_path / "token"), {}, extra)
+    assert token["records"][0]["clip_fraction"] != rec["clip_fraction"]
+    assert any(not torch.equal(p, ref["params"]["actor"][n][0]) for n, (p, _, _) in token["params"]["actor"].items())
+
+
 @pytest.mark.parametrize("estimator", ["reinforce++", "rloo"])
 def test_reinforce_and_rloo_layouts_match_single_process(estimator, tmp_path):
     """The critic-free REINFORCE++ (whitened discounted returns, one sample per prompt: microbatches of 2 so DP2's 4
