@@ -163,6 +163,12 @@ def _error(message: str, code: int) -> int:
     that way still exits with ``code``; one whose error rank 0 did not share (still running after the grace time)
     reports it itself, naming its rank."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" not in os.environ:  # an srun task whose Slurm variables were refused: still only task 0 prints at once
+        from mrlhf.parallel.launch import in_srun_task
+
+        tasks = os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))
+        if in_srun_task(os.environ) and os.environ["SLURM_PROCID"].isdigit() and tasks.isdigit():
+            rank, world = int(os.environ["SLURM_PROCID"]), int(tasks)
     if rank == 0 or world == 1:
         print(f"mrlhf: error: {message}", file=sys.stderr, flush=True)
         return code

@@ -688,6 +688,8 @@ class RunConfig:
         """Check the layout against the number of processes; return the data-parallel size. ``stage`` 'ppo' checks
         the PPO batch arithmetic (prompts per DP rank, samples, minibatches, microbatches) instead; 'generate' none."""
         tp, pp = self.parallel.tp, self.parallel.pp
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
         if world_size % (tp * pp):
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {tp * pp}")
         dp = world_size // (tp * pp)

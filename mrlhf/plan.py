@@ -13,7 +13,7 @@ What it does not count: activations (the ``[s, b, v/tp]`` fp32 logits of the LM 
 and CUDA-context memory, the caching allocator's slack. Leave room for them: the measured peak is
 ``mem_cuda_max_allocated_bytes`` in the first iteration's metrics.
 
-PPO residency, in steady state (from the second iteration on; the first holds no optimizer state before its first
+PPO residency, in steady state (from the second iteration on; the first holds no AdamW moments before its first
 step): trained roles (actor, critic when GAE) keep parameters and optimizer state on the device throughout; frozen
 roles (reference, reward) are on the device only during experience making when ``ppo.offload_frozen``; with
 ``ppo.offload_optimizer`` the trained roles' optimizer state is on the device only while training; the EMA copy

@@ -26,8 +26,17 @@ STAGE=ppo
 CONFIG_DEFAULT=configs/ppo_13b.yaml
 SBATCH_NODES=2
 SBATCH_GPUS_PER_NODE=8
-# shellcheck disable=SC2206  # each set variable becomes one override
-ROLE_OVERRIDES=(${PROMPTS:+data.train_path=$PROMPTS} ${TOKENIZER:+data.tokenizer_path=$TOKENIZER}
-                ${SFT_CKPT:+ppo.actor_load_dir=$SFT_CKPT} ${RM_CKPT:+ppo.critic_load_dir=$RM_CKPT})
-here="${MRLHF_HOME:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
-source "$here/scripts/slurm_launch.sh"
+ROLE_OVERRIDES=()  # each variable that is set becomes one override (spaces in paths kept)
+[[ -n "${PROMPTS:-}" ]] && ROLE_OVERRIDES+=("data.train_path=$PROMPTS")
+[[ -n "${TOKENIZER:-}" ]] && ROLE_OVERRIDES+=("data.tokenizer_path=$TOKENIZER")
+[[ -n "${SFT_CKPT:-}" ]] && ROLE_OVERRIDES+=("ppo.actor_load_dir=$SFT_CKPT")
+[[ -n "${RM_CKPT:-}" ]] && ROLE_OVERRIDES+=("ppo.critic_load_dir=$RM_CKPT")
+self_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [[ -f "$self_dir/slurm_launch.sh" ]]; then
+  launcher="$self_dir/slurm_launch.sh"  # run from the repository
+else  # sbatch runs a spooled copy: the repository is MRLHF_HOME (self-submitted) or where sbatch was called
+  launcher="${MRLHF_HOME:-${SLURM_SUBMIT_DIR:-.}}/scripts/slurm_launch.sh"
+fi
+[[ -f "$launcher" ]] || { echo "$(basename "$0"): cannot find scripts/slurm_launch.sh; set MRLHF_HOME to the repository" >&2; exit 2; }
+# shellcheck source=scripts/slurm_launch.sh
+source "$launcher"

@@ -25,8 +25,17 @@ STAGE=rm
 CONFIG_DEFAULT=configs/rm_13b.yaml
 SBATCH_NODES=2
 SBATCH_GPUS_PER_NODE=8
-# shellcheck disable=SC2206  # each set variable becomes one override
-ROLE_OVERRIDES=(${RM_DATA:+data.train_path=$RM_DATA} ${RM_EVAL:+data.eval_path=$RM_EVAL}
-                ${TOKENIZER:+data.tokenizer_path=$TOKENIZER} ${SFT_CKPT:+checkpoint.load_dir=$SFT_CKPT})
-here="${MRLHF_HOME:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
-source "$here/scripts/slurm_launch.sh"
+ROLE_OVERRIDES=()  # each variable that is set becomes one override (spaces in paths kept)
+[[ -n "${RM_DATA:-}" ]] && ROLE_OVERRIDES+=("data.train_path=$RM_DATA")
+[[ -n "${RM_EVAL:-}" ]] && ROLE_OVERRIDES+=("data.eval_path=$RM_EVAL")
+[[ -n "${TOKENIZER:-}" ]] && ROLE_OVERRIDES+=("data.tokenizer_path=$TOKENIZER")
+[[ -n "${SFT_CKPT:-}" ]] && ROLE_OVERRIDES+=("checkpoint.load_dir=$SFT_CKPT")
+self_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [[ -f "$self_dir/slurm_launch.sh" ]]; then
+  launcher="$self_dir/slurm_launch.sh"  # run from the repository
+else  # sbatch runs a spooled copy: the repository is MRLHF_HOME (self-submitted) or where sbatch was called
+  launcher="${MRLHF_HOME:-${SLURM_SUBMIT_DIR:-.}}/scripts/slurm_launch.sh"
+fi
+[[ -f "$launcher" ]] || { echo "$(basename "$0"): cannot find scripts/slurm_launch.sh; set MRLHF_HOME to the repository" >&2; exit 2; }
+# shellcheck source=scripts/slurm_launch.sh
+source "$launcher"

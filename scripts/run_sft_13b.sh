@@ -25,8 +25,18 @@ STAGE=sft
 CONFIG_DEFAULT=configs/sft_13b.yaml
 SBATCH_NODES=2
 SBATCH_GPUS_PER_NODE=8
-# shellcheck disable=SC2206  # each set variable becomes one override
-ROLE_OVERRIDES=(${SFT_DATA:+data.train_path=$SFT_DATA} ${SFT_EVAL:+data.eval_path=$SFT_EVAL}
-                ${TOKENIZER:+data.tokenizer_path=$TOKENIZER} ${INIT:+checkpoint.load_dir=$INIT})
-here="${MRLHF_HOME:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
-source "$here/scripts/slurm_launch.sh"
+ROLE_OVERRIDES=()  # each variable that is set becomes one override (spaces in paths kept)
+[[ -n "${SFT_DATA:-}" ]] && ROLE_OVERRIDES+=("data.train_path=$SFT_DATA")
+[[ -n "${SFT_EVAL:-}" ]] && ROLE_OVERRIDES+=("data.eval_path=$SFT_EVAL")
+[[ -n "${TOKENIZER:-}" ]] && ROLE_OVERRIDES+=("data.tokenizer_path=$TOKENIZER")
+[[ -n "${INIT:-}" ]] && ROLE_OVERRIDES+=("checkpoint.load_dir=$INIT")
+[[ -n "${INIT:-}" || -n "${CONFIG:-}" ]] || echo "run_sft_13b.sh: INIT unset: the model starts from random weights (import HF weights first: docs/conversion.md)" >&2
+self_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [[ -f "$self_dir/slurm_launch.sh" ]]; then
+  launcher="$self_dir/slurm_launch.sh"  # run from the repository
+else  # sbatch runs a spooled copy: the repository is MRLHF_HOME (self-submitted) or where sbatch was called
+  launcher="${MRLHF_HOME:-${SLURM_SUBMIT_DIR:-.}}/scripts/slurm_launch.sh"
+fi
+[[ -f "$launcher" ]] || { echo "$(basename "$0"): cannot find scripts/slurm_launch.sh; set MRLHF_HOME to the repository" >&2; exit 2; }
+# shellcheck source=scripts/slurm_launch.sh
+source "$launcher"

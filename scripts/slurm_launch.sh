@@ -8,7 +8,7 @@
 # GPU by role and phase, `mrlhf plan`) and the srun line, then stop.
 #
 # Environment (all optional):
-#   MRLHF_HOME      the repository (default: this script's, or SLURM_SUBMIT_DIR inside a job)
+#   MRLHF_HOME      the repository (default: the one this file is in)
 #   MRLHF_PYTHON    the interpreter with mrlhf installed (default: $MRLHF_HOME/.venv/bin/python)
 #   CONFIG          the run file (default: configs/<stage>_13b.yaml)
 #   NODES, GPUS_PER_NODE
@@ -29,13 +29,8 @@ for arg in "$@"; do
   esac
 done
 
-if [[ -z "${MRLHF_HOME:-}" ]]; then
-  if [[ -n "${SLURM_JOB_ID:-}" && -f "${SLURM_SUBMIT_DIR:-}/mrlhf/cli.py" ]]; then
-    MRLHF_HOME="$SLURM_SUBMIT_DIR"  # sbatch ran a spooled copy of the script: the repository is where it was submitted
-  else
-    MRLHF_HOME="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-  fi
-fi
+caller="$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)/$(basename "${BASH_SOURCE[1]}")"  # before any cd: sbatch needs it
+MRLHF_HOME="${MRLHF_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 if [[ ! -f "$MRLHF_HOME/mrlhf/cli.py" ]]; then
   echo "$(basename "${BASH_SOURCE[1]}"): MRLHF_HOME=$MRLHF_HOME is not the mrlhf repository (no mrlhf/cli.py); set MRLHF_HOME" >&2
   exit 2
@@ -60,24 +55,27 @@ else
   per_node="${GPUS_PER_NODE:-$SBATCH_GPUS_PER_NODE}"
 fi
 world=$(( nodes * per_node ))
-all=("${ROLE_OVERRIDES[@]}" "${overrides[@]}")
-cmd=("$py" -m mrlhf.cli "$STAGE" --config "$config" "${all[@]}")
-srun_cmd=(srun --nodes="$nodes" --ntasks-per-node="$per_node" --kill-on-bad-exit=1 --cpu-bind=none --export=ALL)
+# ${a[@]+"${a[@]}"}: an empty array under set -u (bash < 4.4 calls "${a[@]}" of an empty one unbound)
+all=(${ROLE_OVERRIDES[@]+"${ROLE_OVERRIDES[@]}"} ${overrides[@]+"${overrides[@]}"})
+cmd=("$py" -m mrlhf.cli "$STAGE" --config "$config" ${all[@]+"${all[@]}"})
+# srun does not inherit sbatch's --cpus-per-task since Slurm 22.05: pass it on
+srun_cmd=(srun --nodes="$nodes" --ntasks-per-node="$per_node" --kill-on-bad-exit=1 --cpu-bind=none --export=ALL
+          ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"})
 
 if (( dry_run )); then
   echo "[$STAGE] $nodes nodes x $per_node GPUs = $world processes; config $config"
-  "$py" -m mrlhf.cli plan "$STAGE" --config "$config" --world "$world" "${all[@]}"
+  "$py" -m mrlhf.cli plan "$STAGE" --config "$config" --world "$world" ${all[@]+"${all[@]}"}
   echo "[$STAGE] would run: ${srun_cmd[*]} ${SRUN_ARGS:-} ${cmd[*]}"
   exit 0
 fi
 
 if (( ! in_job )); then  # not inside an allocation: submit this same script, which sbatch runs on the first node
   command -v sbatch >/dev/null || { echo "$(basename "${BASH_SOURCE[1]}"): not in a Slurm job and no sbatch here (use --dry-run to check a config)" >&2; exit 2; }
-  exec sbatch --export=ALL,MRLHF_HOME="$MRLHF_HOME" "${BASH_SOURCE[1]}" "$@"
+  exec sbatch --export=ALL,MRLHF_HOME="$MRLHF_HOME" "$caller" "$@"
 fi
 
 # The layout is checked and the per-GPU plan printed once, in the job's log, before N processes hold GPUs.
-WORLD_SIZE=$world "$py" -m mrlhf.cli plan "$STAGE" --config "$config" --world "$world" "${all[@]}"
+WORLD_SIZE=$world "$py" -m mrlhf.cli plan "$STAGE" --config "$config" --world "$world" ${all[@]+"${all[@]}"}
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"

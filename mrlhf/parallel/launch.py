@@ -23,9 +23,9 @@ from mrlhf.errors import ConfigError
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-PORT_BASE, PORT_SPAN = 20000, 20000
-"""MASTER_PORT under srun: ``PORT_BASE + job_id % PORT_SPAN`` (two jobs sharing a first node rarely collide; set
-MASTER_PORT to choose one)."""
+PORT_BASE, PORT_SPAN = 15000, 15000
+"""MASTER_PORT under srun: ``PORT_BASE + job_id % PORT_SPAN``, below Linux's ephemeral range (32768-60999), so an
+outgoing connection cannot already hold it; two jobs sharing a first node rarely collide; set MASTER_PORT to choose."""
 
 _SPECIAL_STEPS = 0xFFFFFFF0
 """Slurm's pseudo steps (batch, extern, interactive, pending) have ids from here up; srun's steps are 0, 1, 2, ..."""

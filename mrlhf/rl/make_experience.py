@@ -48,14 +48,17 @@ def rollout(
     device: torch.device,
     n_samples: int | None = None,
     temperature: float | None = None,
+    seed_offset: int = 0,
 ) -> tuple[Experience, dict[str, float]]:
     """This DP rank's prompts -> rollout fields (every stage). ``first_seq_id``: global id of this rank's first
     sequence. Returns the record and the generator's statistics. ``n_samples`` / ``temperature`` (held-out
-    evaluation) replace ``ppo.n_samples`` / ``generation.temperature``."""
+    evaluation) replace ``ppo.n_samples`` / ``generation.temperature``; ``seed_offset`` moves the sampling noise to
+    another stream (evaluation: not the noise of the training rollouts)."""
     g = cfg.generation
     n = cfg.ppo.n_samples if n_samples is None else n_samples
     base = GenerationConfig.from_section(g, eos_id)
-    sampling = dataclasses.replace(base.sampling, seed=iteration_seed(g.seed, cfg.training.seed, iteration))
+    seed = iteration_seed(g.seed, cfg.training.seed, iteration) + seed_offset
+    sampling = dataclasses.replace(base.sampling, seed=seed)
     if temperature is not None:
         sampling = dataclasses.replace(sampling, temperature=temperature)
     engine_cfg = dataclasses.replace(  # rollouts: fresh noise per iteration, stop at EOS only (token ids, no text)

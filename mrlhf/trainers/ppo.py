@@ -109,7 +109,7 @@ def load_ppo_data(cfg: RunConfig):
             f"{len(prompts.train)} prompts is fewer than one rollout batch (training.global_batch_size "
             f"{cfg.training.global_batch_size})",
         )  # fmt: skip
-    if cfg.training.eval_interval > 0 and prompts.eval is None:
+    if cfg.training.eval_interval > 0 and (prompts.eval is None or len(prompts.eval) == 0):
         raise ConfigError("ppo: training.eval_interval > 0 evaluates on held-out prompts, but there are none: set "
                           "data.eval_path (or data.eval_fraction), or training.eval_interval=0")  # fmt: skip
     ptx = None
@@ -517,6 +517,11 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, 
     return out
 
 
+EVAL_SEED_OFFSET = 1 << 31
+"""Evaluation's sampling seeds sit this far from the rollouts' (iteration i's seed is a base + i + 1): with
+``ppo.eval_temperature > 0`` its samples share no noise with any training iteration's."""
+
+
 def evaluate(run: PPORun, cfg: RunConfig, ctx: ParallelContext, iteration: int) -> dict[str, float]:
     """Held-out evaluation of the actor: ``training.eval_samples`` prompts of the eval split (cycled up to a whole
     number per DP rank), one response each at ``ppo.eval_temperature`` (0: greedy) through the same in-layout
@@ -531,7 +536,7 @@ def evaluate(run: PPORun, cfg: RunConfig, ctx: ParallelContext, iteration: int) 
     start = time.perf_counter()
     exp, _ = rollout(run.roles["actor"], [list(data[i]) for i in mine], mine, ctx.dp_rank * len(mine), cfg,
                      iteration, run.tokenizer.eos_id, run.tokenizer.pad_id, device, n_samples=1,
-                     temperature=p.eval_temperature)  # fmt: skip
+                     temperature=p.eval_temperature, seed_offset=EVAL_SEED_OFFSET)  # fmt: skip
     if run.eval_fn is not None:
         scores = run.eval_fn(exp, device) if last else None
     else:  # the reward model, back from host memory for this pass only

@@ -122,7 +122,8 @@ def test_grpo_tp2pp2_matches_single_process(tmp_path):
 
 def test_gspo_sequence_ratio_tp2pp2_matches_single_process_and_differs_from_token_level(tmp_path):
     """GSPO (GRPO advantages, one clipped ratio per response): TP2xPP2 equals TP1; with two epochs and GSPO's narrow
-    ranges the second epoch clips whole responses, and the update is not the token-level one."""
+    ranges some responses are clipped (0 < clip_fraction < 1), and the update is not the token-level one. That the
+    clip is per response (every token of a row alike) is shown by hand values in tests/unit/test_gspo.py."""
     extra = ["ppo.estimator=grpo", "ppo.n_samples=4", "ppo.ppo_epochs=2", "ppo.clip_low=3e-4", "ppo.clip_high=4e-4",
              "ppo.loss_agg=seq-mean-token-mean"]  # fmt: skip
     gspo = [*extra, "ppo.importance_sampling_level=sequence"]

@@ -6,6 +6,7 @@ with one line; --dry-run prints the plan and the srun line."""
 import json
 import os
 import random
+import shutil
 import stat
 import subprocess
 import sys
@@ -119,10 +120,58 @@ def test_dry_run_prints_the_plan_and_the_srun_line_without_slurm(tmp_path):
     assert "mrlhf plan: ppo on 32 GPUs (tp=8 pp=2 dp=2), bf16; GiB per GPU" in dry.stdout, dry.stdout
     assert "would run: srun --nodes=4 --ntasks-per-node=8 --kill-on-bad-exit=1" in dry.stdout
     assert not (tmp_path / "srun.log").exists()
-    # outside a job, without --dry-run and without sbatch: one line, exit 2
-    bare = subprocess.run(["bash", "scripts/run_ppo_13b.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**env, "PATH": "/usr/bin:/bin"})  # fmt: skip
+    # outside a job, without --dry-run and without sbatch: one line, exit 2 (a PATH with only what the script uses)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("dirname", "basename"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    bare = subprocess.run([shutil.which("bash"), "scripts/run_ppo_13b.sh"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**env, "PATH": str(tools)})  # fmt: skip
     assert bare.returncode == 2 and "no sbatch here" in bare.stderr, (bare.returncode, bare.stderr)
     bad = subprocess.run(["bash", "scripts/run_ppo_13b.sh", "--dry-run", "nonsense"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "unknown argument 'nonsense'" in bad.stderr, bad.stderr
+
+
+FAKE_SBATCH = """#!/bin/sh
+# records how it was called (cwd, arguments), one per line
+{ pwd; for a in "$@"; do echo "$a"; done; } > "$FAKE_SBATCH_LOG"
+"""
+
+
+def test_self_submission_from_another_directory_and_the_spooled_copy_find_the_repository(tmp_path):
+    """`bash /path/to/run_ppo_13b.sh` outside a job submits that same script by its absolute path (sbatch runs where
+    it was called, not in the repository), exporting MRLHF_HOME; the copy sbatch then runs from its spool directory
+    finds the launcher through MRLHF_HOME -- even with SLURM_SUBMIT_DIR elsewhere."""
+    env = job_env(tmp_path)
+    for var in [k for k in env if k.startswith("SLURM_")]:
+        del env[var]
+    env.pop("CONFIG")
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.write_text(FAKE_SBATCH)
+    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = os.path.join(ROOT, "scripts", "run_ppo_13b.sh")
+    rel = os.path.relpath(script, elsewhere)
+    log = tmp_path / "sbatch.log"
+    done = subprocess.run(["bash", rel, "ppo.kl_coef=0.02"], cwd=elsewhere, capture_output=True,
+                          text=True, timeout=60, env={**env, "FAKE_SBATCH_LOG": str(log),
+                                                       "PROMPTS": "/data/my prompts.jsonl"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    cwd, *args = log.read_text().splitlines()
+    assert cwd == ROOT  # the launcher had moved to the repository before submitting
+    assert args[0] == f"--export=ALL,MRLHF_HOME={ROOT}" and args[1] == script and os.path.isabs(args[1])
+    assert args[2:] == ["ppo.kl_coef=0.02"]
+    # the job: sbatch's spooled copy, run with the job's variables; dry-run prints what srun would start
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shutil.copy(script, spool / "slurm_script")
+    job = {**env, "MRLHF_HOME": ROOT, "SLURM_JOB_ID": "77", "SLURM_SUBMIT_DIR": str(elsewhere),
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "12",
+           "PROMPTS": "/data/my prompts.jsonl"}  # fmt: skip
+    ran = subprocess.run(["bash", str(spool / "slurm_script"), "--dry-run"], cwd=spool, capture_output=True,
+                         text=True, timeout=120, env=job)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "--cpus-per-task=12" in ran.stdout  # passed on: srun no longer inherits it (Slurm >= 22.05)
+    assert "data.train_path=/data/my prompts.jsonl" in ran.stdout  # one override, its space kept

@@ -53,6 +53,7 @@ def srun_task(rank: int, world: int = 16, local: int | None = None, **more: str)
 def test_srun_task_becomes_torch_variables():
     env = slurm_torch_env(srun_task(11))
     port = str(PORT_BASE + 4242 % PORT_SPAN)
+    assert 1024 <= PORT_BASE and PORT_BASE + PORT_SPAN <= 32768  # below Linux's ephemeral ports
     assert env == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
                    "MASTER_ADDR": "gpu07", "MASTER_PORT": port}  # fmt: skip
     # every task of the step agrees on the rendezvous
@@ -112,3 +113,22 @@ def test_local_device_index():
         local_device_index(6, 4)
     with pytest.raises(ConfigError, match="no CUDA device"):
         local_device_index(0, 0)
+
+
+def test_a_refused_srun_task_prints_its_error_once_as_its_rank(monkeypatch, capsys):
+    """Slurm variables that cannot become torch's: task 0 prints the one line at once; another task (after the grace
+    that lets task 0 go first) names its rank -- not N unlabelled copies."""
+    import mrlhf.cli as cli
+
+    monkeypatch.setattr(cli, "ERROR_GRACE_S", 0.0)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MRLHF_LAUNCHER"):
+        monkeypatch.delenv(var, raising=False)
+    config = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "ppo_13b.yaml")
+    cases = [(srun_task(0, SLURM_STEP_NUM_TASKS="x"), "mrlhf: error: Slurm variable SLURM_STEP_NUM_TASKS='x'"),
+             (srun_task(3, world=2), "mrlhf: error: (rank 3) SLURM_PROCID=3 is outside the step's 2 tasks")]  # fmt: skip
+    for env, want in cases:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert cli.main(["plan", "ppo", "--config", config]) == 2
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith(want), lines

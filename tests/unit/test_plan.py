@@ -99,6 +99,8 @@ def test_cli_errors_are_one_line_exit_2(capsys):
     assert main(["plan", "ppo", "--config", config, "--world", "24"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == ["mrlhf: error: world size 24 is not divisible by parallel.tp*parallel.pp = 16"], lines
+    assert main(["plan", "ppo", "--config", config, "--world", "0"]) == 2
+    assert "world size must be >= 1, got 0" in capsys.readouterr().err
     assert main(["plan", "ppo", "--config", config, "--world", "48"]) == 2  # dp 3 does not split 128 prompts
     assert "must be a multiple of dp (3)" in capsys.readouterr().err
     assert main(["plan", "ppo", "--config", config, "--world", "16"]) == 0

@@ -45,6 +45,10 @@ def test_cli_refuses_evaluation_without_an_eval_split_and_an_unimportable_eval_f
     line = error_line(capsys, main(["ppo", "--config", PPO_YAML, "data.eval_path=null", "training.eval_interval=5",
                                     *no_roles]))  # fmt: skip
     assert "training.eval_interval > 0" in line and "data.eval_path" in line, line
+    # a split that rounds to no rows (0.01% of 2000 prompts) is refused as none
+    line = error_line(capsys, main(["ppo", "--config", PPO_YAML, "data.eval_path=null", "data.eval_fraction=0.0001",
+                                    *no_roles]))  # fmt: skip
+    assert "training.eval_interval > 0" in line, line
     line = error_line(capsys, main(["ppo", "--config", PPO_YAML, "ppo.eval_reward_function=no_such_eval_mod:f",
                                     *no_roles]))  # fmt: skip
     assert "ppo.eval_reward_function=no_such_eval_mod:f: cannot import module 'no_such_eval_mod'" in line, line
