@@ -58,7 +58,11 @@ class Optimizer:
         self.owners = assign_owners([p.numel() for p in params], dp) if self.zero1 else [dp_rank] * len(params)
         self.owned = [i for i, r in enumerate(self.owners) if r == dp_rank]
         self.use_master = any(p.dtype != torch.float32 for p in params)
-        # What the inner AdamW steps: the model params themselves, or fp32 master copies of the owned ones.
+        # What the inner AdamW steps: the model params themselves, or fp32 master copies of the owned ones. The
+        # masters take the parameters' values at the first step (or come from a checkpoint), not here: a model about
+        # to be loaded is built uninitialised (``build_role(from_checkpoint=True)``), and weights loaded after this
+        # point (RM/DPO/PPO start from another stage's checkpoint) would otherwise be overwritten by stale masters.
+        self.masters_current = False
         self.targets: dict[int, torch.nn.Parameter] = {}
         for i in self.owned:
             p = params[i]
@@ -78,7 +82,16 @@ class Optimizer:
                 p.main_grad = None
 
     @torch.no_grad()
+    def sync_masters(self) -> None:
+        """fp32 masters := the parameters' current values (once, before the first step or save)."""
+        if self.use_master and not self.masters_current:
+            for i, master in self.targets.items():
+                master.copy_(self.params[i].detach().float())
+        self.masters_current = True
+
+    @torch.no_grad()
     def step(self, lr: float) -> None:
+        self.sync_masters()
         for group in self.inner.param_groups:
             group["lr"] = lr
         if self.use_master:
@@ -128,6 +141,7 @@ class Optimizer:
     def state_dict(self) -> dict:
         if getattr(self, "mrlhf_host_copies", None) is not None:  # residency.offload_optimizer left empty tensors
             raise RuntimeError("optimizer state is offloaded to host memory: residency.reload_optimizer first")
+        self.sync_masters()  # a save before the first step (a critic warm-up) stores the weights, not stale copies
         state = {"inner": self.inner.state_dict(), "owned": self.owned, "zero1": self.zero1}
         if self.use_master:
             state["masters"] = {i: m.detach().clone() for i, m in self.targets.items()}
@@ -141,3 +155,4 @@ class Optimizer:
         if self.use_master:
             for i, m in state["masters"].items():
                 self.targets[int(i)].copy_(m)
+        self.masters_current = True
