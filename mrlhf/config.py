@@ -357,6 +357,22 @@ class DPOSection:
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
 
 
+def _entries(value: str | None) -> list[str]:
+    """A comma-separated list of 'module:callable' entries, stripped (empty for None)."""
+    return [s.strip() for s in value.split(",")] if value else []
+
+
+def _check_callables(field_name: str, value: str | None) -> None:
+    """Each entry of ``value`` is 'module:callable' with dotted identifiers on both sides (importing is load's job)."""
+    for spec in _entries(value):
+        module, _, name = spec.partition(":")
+        if not (module and name and all(part.isidentifier() for part in module.split(".") + name.split("."))):
+            raise ConfigError(
+                f"{field_name} must be 'module:callable' (e.g. mrlhf.demo.judge:reward; several comma-separated), "
+                f"got {spec!r} in {value!r}"
+            )
+
+
 @dataclass
 class PPOSection:
     """Stage 3: PPO and its critic-free relatives (GRPO, RLOO, REINFORCE++) against a reward model.
@@ -537,18 +553,9 @@ class PPOSection:
             raise ConfigError(f"ppo.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not (math.isfinite(self.eval_temperature) and 0.0 <= self.eval_temperature <= 10.0):
             raise ConfigError(f"ppo.eval_temperature must be in [0, 10] (0: greedy), got {self.eval_temperature}")
-        for spec in self.eval_reward_functions:
-            if spec.count(":") != 1 or not all(spec.partition(":")[::2]):
-                raise ConfigError(f"ppo.eval_reward_function must be 'module:callable' entries (comma-separated), "
-                                  f"got {spec!r} in {self.eval_reward_function!r}")  # fmt: skip
+        _check_callables("ppo.eval_reward_function", self.eval_reward_function)
         if self.reward_function is not None:
-            for spec in self.reward_functions:
-                module, _, name = spec.partition(":")
-                if not (module and name and all(part.isidentifier() for part in module.split(".") + name.split("."))):
-                    raise ConfigError(
-                        f"ppo.reward_function must be 'module:callable' (e.g. mrlhf.demo.judge:reward; several "
-                        f"comma-separated), got {spec!r} in {self.reward_function!r}"
-                    )
+            _check_callables("ppo.reward_function", self.reward_function)
             weights = self.reward_weights
             if weights is not None and (len(weights) != len(self.reward_functions)
                                         or not all(math.isfinite(w) for w in weights)):  # fmt: skip
@@ -563,12 +570,12 @@ class PPOSection:
     @property
     def reward_functions(self) -> list[str]:
         """The entries of ppo.reward_function ('module:callable' each; empty without one)."""
-        return [s.strip() for s in self.reward_function.split(",")] if self.reward_function else []
+        return _entries(self.reward_function)
 
     @property
     def eval_reward_functions(self) -> list[str]:
         """The entries of ppo.eval_reward_function (empty without one)."""
-        return [s.strip() for s in self.eval_reward_function.split(",")] if self.eval_reward_function else []
+        return _entries(self.eval_reward_function)
 
     @property
     def needs_critic(self) -> bool:

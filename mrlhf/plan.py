@@ -150,7 +150,6 @@ def plan(cfg: RunConfig, world: int, stage: str, device: str = "cuda") -> Plan:
     on the CPU, so they count there)."""
     from mrlhf.models import residency
     from mrlhf.models.roles import build_role
-    from mrlhf.ops.kv_cache import KVCache
     from mrlhf.parallel.topology import Coord, Layout
     from mrlhf.trainers.optim import Optimizer
 
@@ -184,7 +183,7 @@ def plan(cfg: RunConfig, world: int, stage: str, device: str = "cuda") -> Plan:
                         idle_optimizer[role] = opt.stepped_bytes(dev, offloaded=offloaded)
                     held[role] = mem
                     if stage == "ppo" and role == "actor":
-                        kv = _rollout_cache_bytes(cfg, model, dp, KVCache)
+                        kv = _rollout_cache_bytes(cfg, model, dp)
             phases = {}
             for phase in PHASES[stage]:
                 out = {}
@@ -203,24 +202,22 @@ def plan(cfg: RunConfig, world: int, stage: str, device: str = "cuda") -> Plan:
     return Plan(stage, world, p.tp, p.pp, dp, t.precision, ranks, roles)
 
 
-def _rollout_cache_bytes(cfg: RunConfig, actor, dp: int, kv_cache) -> int:
+def _rollout_cache_bytes(cfg: RunConfig, actor, dp: int) -> int:
     """The rollout's KV cache on this stage, at its largest: every prompt ``data.max_prompt_len`` long (prompts are
-    left-padded to the longest of their microbatch), as ``Generator.generate`` sizes it."""
-    g = cfg.generation
-    sequences = cfg.training.global_batch_size // dp * cfg.ppo.n_samples
-    rows = min(g.micro_batch_size, max(sequences, 1))
+    left-padded to the longest of their microbatch), sized by ``Generator.generate``'s own rule (``cache_extent``)
+    for this rank's sequences and the actor's layers, KV groups on this TP rank and dtype."""
     from megatron.core import parallel_state as ps
 
+    from mrlhf.generation.generate import cache_extent
+    from mrlhf.ops.kv_cache import KVCache
+
+    sequences = cfg.training.global_batch_size // dp * cfg.ppo.n_samples
+    slots, rows, positions = cache_extent(cfg.generation, ps.get_pipeline_model_parallel_world_size(), sequences,
+                                          cfg.data.max_prompt_len)  # fmt: skip
     tc = actor.backbone.config
     groups = tc.num_query_groups // ps.get_tensor_model_parallel_world_size()
-    layers = len(actor.backbone.decoder.layers)
-    slots = g.num_slots or ps.get_pipeline_model_parallel_world_size()
-    return kv_cache.bytes_for(layers, slots, rows, cfg.data.max_prompt_len + g.max_new_tokens, groups,
-                              tc.kv_channels, dtype=actor_dtype(cfg))  # fmt: skip
-
-
-def actor_dtype(cfg: RunConfig) -> torch.dtype:
-    return cfg.to_transformer_config().params_dtype
+    return KVCache.bytes_for(len(actor.backbone.decoder.layers), slots, rows, positions, groups, tc.kv_channels,
+                             dtype=next(actor.parameters()).dtype)  # fmt: skip
 
 
 GIB = 2**30

@@ -60,6 +60,14 @@ class GenerationConfig:
         )
 
 
+def cache_extent(gen, pp: int, prompts: int, width: int) -> tuple[int, int, int]:
+    """(slots, rows, positions) of the KV cache ``Generator.generate`` allocates for ``prompts`` prompts left-padded
+    to ``width`` (``gen``: a GenerationConfig or the run's ``generation`` section): ``num_slots`` (default pp, the
+    fewest that keep every stage busy; fewer is the naive schedule, for benchmarks), the largest microbatch, the
+    prompt width plus ``max_new_tokens``. ``mrlhf plan`` sizes its KV cache with it too."""
+    return gen.num_slots or pp, min(gen.micro_batch_size, max(prompts, 1)), width + gen.max_new_tokens
+
+
 @dataclass
 class GenerationOutput:
     """Per prompt, in input order: generated ids (stop token included), their log-probs, why it ended."""
@@ -292,11 +300,11 @@ class Generator:
             batch["starts"] = (~batch["attention_mask"]).sum(-1).cpu()
             batch["dummy"] = torch.zeros((batch["tokens"].shape[0], 1), dtype=torch.long, device=self.device)
             mbs.append(batch)
-        num_slots = g.num_slots or self.pp  # fewer than pp is allowed (the naive schedule, for benchmarks)
-        self._rows = min(mb_size, max(len(prompts), 1))  # the largest microbatch: sizes the cache and ring frames
         width = max((m["tokens"].shape[1] for m in mbs), default=1)
+        # the largest microbatch (self._rows) sizes the cache and the ring frames
+        num_slots, self._rows, positions = cache_extent(g, self.pp, len(prompts), width)
         cache = KVCache(
-            len(self.gpt.decoder.layers), num_slots, self._rows, width + g.max_new_tokens,
+            len(self.gpt.decoder.layers), num_slots, self._rows, positions,
             self.groups, self.head_dim, self.dtype, self.device,
         )  # fmt: skip
         n, cap = len(prompts), g.max_new_tokens

@@ -48,10 +48,16 @@ def reload(model: torch.nn.Module, device: torch.device) -> None:
             if t.device != device:
                 t.data = t.data.to(device)
         return
-    for t, h in zip(_tensors(model), model.mrlhf_host_copies):
-        t.data = h.to(device, non_blocking=True)
+    _from_host(_tensors(model), model.mrlhf_host_copies, device)
     model.mrlhf_host_copies = None
     model.mrlhf_offloaded = False
+
+
+def _from_host(tensors: list[torch.Tensor], host: list[torch.Tensor], device: torch.device) -> None:
+    """Undo :func:`_to_host`: each tensor's data from its host copy, on ``device``."""
+    assert len(tensors) == len(host), "the tensors changed while offloaded"
+    for t, h in zip(tensors, host):
+        t.data = h.to(device, non_blocking=True)
 
 
 def is_offloaded(model: torch.nn.Module) -> bool:
@@ -86,20 +92,16 @@ def offload_optimizer(optimizer) -> None:
     """An idle model's optimizer state to (pinned) host copies, the device storage released, as :func:`offload`
     does for weights (also on a CPU-only machine). Idempotent; state created later (AdamW's first step) is not
     affected until the next call."""
-    if getattr(optimizer, "mrlhf_host_copies", None) is not None:
+    if optimizer_offloaded(optimizer):
         return
     optimizer.mrlhf_host_copies = _to_host(_optimizer_tensors(optimizer))
 
 
 def reload_optimizer(optimizer, device: torch.device) -> None:
     """The optimizer state back on ``device`` (a no-op when it is not offloaded)."""
-    host = getattr(optimizer, "mrlhf_host_copies", None)
-    if host is None:
+    if not optimizer_offloaded(optimizer):
         return
-    tensors = _optimizer_tensors(optimizer)
-    assert len(tensors) == len(host), "optimizer state changed while offloaded"
-    for t, h in zip(tensors, host):
-        t.data = h.to(device, non_blocking=True)
+    _from_host(_optimizer_tensors(optimizer), optimizer.mrlhf_host_copies, device)
     optimizer.mrlhf_host_copies = None
 
 

@@ -139,7 +139,9 @@ class Optimizer:
         return sum(p.numel() * (4 if fp32_grads and p.dtype != torch.float32 else p.element_size()) for p in params)
 
     def state_dict(self) -> dict:
-        if getattr(self, "mrlhf_host_copies", None) is not None:  # residency.offload_optimizer left empty tensors
+        from mrlhf.models.residency import optimizer_offloaded
+
+        if optimizer_offloaded(self):  # residency.offload_optimizer left empty tensors
             raise RuntimeError("optimizer state is offloaded to host memory: residency.reload_optimizer first")
         self.sync_masters()  # a save before the first step (a critic warm-up) stores the weights, not stale copies
         state = {"inner": self.inner.state_dict(), "owned": self.owned, "zero1": self.zero1}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -459,6 +458,12 @@ EXP_KEYS = ("seqs", "valid", "raw_sum", "raw_sq", "score_sum", "score_sq", "len_
             "value_tokens", "groups", "flat_groups")  # fmt: skip
 
 
+def _spread(sq: float, total: float, count: float) -> float:
+    """Standard deviation from a sum of squares and a sum over ``count`` values (0 for no values)."""
+    count = max(count, 1.0)
+    return max(sq / count - (total / count) ** 2, 0.0) ** 0.5
+
+
 def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, measured_here: bool = True,
                      group_size: int = 1) -> dict[str, float]:  # fmt: skip
     """The iteration's experience metrics, reduced over DP (``group_size``: samples per prompt)."""
@@ -492,12 +497,9 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, 
     (mismatch_max,) = reduce_last_stage_scalars(mx, torch.distributed.ReduceOp.MAX)
     n, tok = max(s["valid"], 1.0), max(s["tokens"], 1.0)
 
-    def std(sq, total, count):
-        return max(sq / count - (total / count) ** 2, 0.0) ** 0.5
-
     out = {
-        "reward_raw_mean": s["raw_sum"] / n, "reward_raw_std": std(s["raw_sq"], s["raw_sum"], n),
-        "reward_mean": s["score_sum"] / n, "reward_std": std(s["score_sq"], s["score_sum"], n),
+        "reward_raw_mean": s["raw_sum"] / n, "reward_raw_std": _spread(s["raw_sq"], s["raw_sum"], n),
+        "reward_mean": s["score_sum"] / n, "reward_std": _spread(s["score_sq"], s["score_sum"], n),
         "kl_per_sequence": s["kl_sum"] / n, "kl_per_token": s["kl_sum"] / tok,
         "entropy": s["entropy_sum"] / tok, "response_length": s["len_sum"] / n, "truncation_rate": s["truncated"] / n,
         "logprob_mismatch_mean": s["mismatch_sum"] / tok, "logprob_mismatch_max": mismatch_max,
@@ -510,8 +512,8 @@ def experience_stats(exp: Experience, entropy: torch.Tensor | None, last: bool, 
             out.pop(k)
     if s["value_tokens"] > 0:
         vt = s["value_tokens"]
-        var_r = std(s["ret_sq"], s["ret_sum"], vt) ** 2
-        var_res = std(s["res_sq"], s["res_sum"], vt) ** 2
+        var_r = _spread(s["ret_sq"], s["ret_sum"], vt) ** 2
+        var_res = _spread(s["res_sq"], s["res_sum"], vt) ** 2
         out["explained_variance"] = 1.0 - var_res / var_r if var_r > 0 else 0.0
     out["_global_seqs"] = s["seqs"]
     return out
@@ -557,7 +559,7 @@ def evaluate(run: PPORun, cfg: RunConfig, ctx: ParallelContext, iteration: int) 
     mean = total / max(count, 1.0)
     out_stats = {
         "eval_reward_mean": mean,
-        "eval_reward_std": math.sqrt(max(total_sq / max(count, 1.0) - mean * mean, 0.0)),
+        "eval_reward_std": _spread(total_sq, total, count),
         "eval_response_length": length / n,
         "eval_truncation_rate": truncated / n,
         "eval_dropped_samples": n - count,
